@@ -1,0 +1,1 @@
+"""Shared building blocks (normalisation, attention, transformer blocks) reused by every paper module."""

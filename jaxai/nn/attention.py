@@ -1,0 +1,105 @@
+"""Multi-head attention with GQA, QK-norm, RoPE, logit soft-cap and structured masks.
+
+Masks are described structurally rather than as dense arrays so that the Pallas kernel can skip
+whole blocks: ``frame_size=F`` makes attention block-causal over frames of F tokens (F=1 is plain
+causal), ``window_frames=W`` limits it to the last W frames (sliding window), ``frame_size=None``
+is bidirectional. An optional dense ``mask`` [T, S] (or broadcastable) is and-ed on top; only the
+XLA path takes it.
+"""
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxai.nn import layers
+
+AttentionImpl = Literal["xla", "pallas"]
+
+
+def default_attention_impl() -> AttentionImpl:
+  """The Pallas kernels run compiled on GPU/TPU; on CPU they only interpret, so XLA is faster."""
+  return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def frame_mask(q_len: int, kv_len: int, *, frame_size: int | None, window_frames: int | None = None,
+               q_offset: int | jax.Array = 0) -> jax.Array:
+  """Boolean [q_len, kv_len]: query i (at absolute position q_offset + i) may see key j."""
+  if frame_size is None:
+    return jnp.ones((q_len, kv_len), bool)
+  q_frame = (q_offset + jnp.arange(q_len)) // frame_size
+  k_frame = jnp.arange(kv_len) // frame_size
+  visible = k_frame[None, :] <= q_frame[:, None]
+  if window_frames is not None:
+    visible &= q_frame[:, None] - k_frame[None, :] < window_frames
+  return visible
+
+
+def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None, q_offset=0):
+  """Plain-XLA attention. q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA)."""
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  if h % kv_heads:
+    raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv_heads})")
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+  logits = layers.soft_cap(logits, soft_cap)
+  visible = frame_mask(t, k.shape[1], frame_size=frame_size, window_frames=window_frames, q_offset=q_offset)
+  if mask is not None:
+    visible = visible & mask
+  logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def dot_product_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None,
+                          q_offset=0, impl: AttentionImpl = "xla"):
+  """Dispatches to the XLA path or the Pallas block-causal kernel; both compute the same function."""
+  if impl == "xla":
+    return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
+                         soft_cap=soft_cap, mask=mask, q_offset=q_offset)
+  if impl != "pallas":
+    raise ValueError(f"attention impl must be 'xla' or 'pallas', got {impl!r}")
+  if mask is not None or not isinstance(q_offset, int) or q_offset or q.shape[1] != k.shape[1]:
+    # Dense extra masks and cached decoding stay on XLA: the kernel covers the training shapes.
+    return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
+                         soft_cap=soft_cap, mask=mask, q_offset=q_offset)
+  from kernels_pallas import block_causal_attention as kernel  # pylint: disable=g-import-not-at-top
+  return kernel.block_causal_attention(
+      q, k, v, frame_size=q.shape[1] if frame_size is None else frame_size,
+      window_frames=window_frames, soft_cap=soft_cap, interpret=jax.default_backend() == "cpu")
+
+
+class Attention(nn.Module):
+  """Self-attention: GQA projections, optional QK-norm and RoPE, structured mask."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qk_norm: bool = True
+  rope_base: float | None = 10_000.0
+  soft_cap: float | None = None
+  frame_size: int | None = 1
+  window_frames: int | None = None
+  impl: AttentionImpl = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask=None):
+    dense = lambda n, heads_axis, name: layers.Dense(
+        (n, self.head_dim), ("embed", heads_axis, "head_dim"), dtype=self.dtype, name=name)(x)
+    q = dense(self.num_heads, "heads", "query")
+    k = dense(self.num_kv_heads, "kv_heads", "key")
+    v = dense(self.num_kv_heads, "kv_heads", "value")
+    if self.qk_norm:  # normalising q and k bounds the logits, which keeps bf16 training stable
+      q = layers.RMSNorm("head_dim", dtype=self.dtype, name="query_norm")(q)
+      k = layers.RMSNorm("head_dim", dtype=self.dtype, name="key_norm")(k)
+    if self.rope_base is not None:
+      q = layers.rope(q, positions, base=self.rope_base)
+      k = layers.rope(k, positions, base=self.rope_base)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    out = dot_product_attention(q, k, v, frame_size=self.frame_size, window_frames=self.window_frames,
+                                soft_cap=self.soft_cap, mask=mask, impl=self.impl)
+    return layers.Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_axis=(-2, -1),
+                        dtype=self.dtype, name="out")(out)
