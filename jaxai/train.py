@@ -56,7 +56,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": schedule(state["step"]), **aux}
     return new_state, step_metrics
 

@@ -1,0 +1,53 @@
+"""Trunk behaviours cheap enough to run in-process on the 8 fake devices."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxai import config_lib, main, train
+
+
+def tiny_lm(**overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("lm_config", os.path.join(
+      os.path.dirname(__file__), "..", "configs", "lm.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+  full = main.run(tiny_lm(total_steps=3), str(tmp_path / "full"))
+  accumulated = main.run(tiny_lm(total_steps=3, grad_accum_steps=2, **{"mesh.data": 2, "mesh.tensor": 4}),
+                         str(tmp_path / "accum"))
+  rows = [train.read_metrics(str(tmp_path / d)) for d in ("full", "accum")]
+  np.testing.assert_allclose([r["loss"] for r in rows[0]], [r["loss"] for r in rows[1]], rtol=1e-5)
+  np.testing.assert_allclose(full[0]["grad_norm"], accumulated[0]["grad_norm"], rtol=1e-4)
+
+
+def test_bf16_compute_trains_with_fp32_params(tmp_path):
+  result = main.run(tiny_lm(compute_dtype="bfloat16", total_steps=3), str(tmp_path))
+  assert np.isfinite(result[0]["loss"])
+
+
+def test_metrics_files_and_tensorboard(tmp_path):
+  main.run(tiny_lm(total_steps=2), str(tmp_path))
+  rows = train.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]
+  assert {"loss", "learning_rate", "grad_norm", "steps_per_sec", "eval/loss"} <= set(rows[-1])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_mesh_fill_axis():
+  assert config_lib.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  with pytest.raises(config_lib.ConfigError, match="mesh.data"):
+    config_lib.resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  assert jax.device_count() == 8
