@@ -20,11 +20,11 @@ def get_config(arg=None):
   c.data = dict(source="stdlib", seq_len=256, eval_windows=256)
   c.model = dict(width=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32, mlp_hidden=768,
                  qk_norm=True, attn_soft_cap=50.0, logit_soft_cap=30.0, window_tokens=0)
-  c.batch_size = 32
-  c.total_steps = 1500
+  c.batch_size = 16
+  c.total_steps = 1000
   c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  c.eval_every = 250
+  c.checkpoint_every = 250
   c.compute_dtype = "bfloat16"
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 100

@@ -1,0 +1,21 @@
+"""Pallas kernels, each beside its plain-jnp reference. Imports only jax.
+
+Every kernel runs compiled on GPU/TPU and with `interpret=True` on CPU; each module has its own
+`BlockSizes` dataclass. The two attention kernels share their module's name, and a package
+attribute can only be one of the two, so it stays the module (the path model code imports):
+call `block_causal_attention.block_causal_attention(...)` and
+`sparse_topk_attention.sparse_topk_attention(...)`. Everything else is exported by name.
+"""
+from kernels_pallas import block_causal_attention
+from kernels_pallas import shortcut_forcing
+from kernels_pallas import sparse_topk_attention
+from kernels_pallas.block_causal_attention import block_causal_mask
+from kernels_pallas.block_causal_attention import reference_block_causal_attention
+from kernels_pallas.shortcut_forcing import reference_shortcut_forcing_loss
+from kernels_pallas.shortcut_forcing import shortcut_forcing_loss
+from kernels_pallas.sparse_topk_attention import dequantize_fp8
+from kernels_pallas.sparse_topk_attention import lightning_indexer_scores
+from kernels_pallas.sparse_topk_attention import quantize_fp8
+from kernels_pallas.sparse_topk_attention import reference_lightning_indexer_scores
+from kernels_pallas.sparse_topk_attention import reference_sparse_topk_attention
+from kernels_pallas.sparse_topk_attention import select_topk_indices
