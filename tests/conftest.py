@@ -31,3 +31,8 @@ def run_main(args, *, devices: int = 8, env=None, timeout: float = 300) -> subpr
 @pytest.fixture(name="repo_root")
 def fixture_repo_root():
   return REPO_ROOT
+
+
+# Interpret-mode Pallas kernels become large XLA loops whose compile time dominates the kernel
+# tests; optimisation level 0 compiles them several times faster and changes no arithmetic.
+INTERPRET_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import INTERPRET_COMPILER_OPTIONS
 from kernels_pallas import block_causal_attention as bca
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# Interpret-mode kernels become large XLA loops whose compilation, not execution, dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 MODES = [
     pytest.param(True, id="interpret"),
@@ -58,7 +57,7 @@ def _check_against_reference(inputs, options, blocks, interpret):
                                                       interpret=interpret)
   reference = lambda q, k, v: bca.reference_block_causal_attention(q, k, v, **options)
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE if interpret else None)
+  @functools.partial(jax.jit, compiler_options=INTERPRET_COMPILER_OPTIONS if interpret else None)
   def outputs_and_grads(q, k, v, do):
     out, vjp = jax.vjp(kernel, q, k, v)
     ref_out, ref_vjp = jax.vjp(reference, q, k, v)

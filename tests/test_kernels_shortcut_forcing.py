@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import INTERPRET_COMPILER_OPTIONS
 from kernels_pallas import shortcut_forcing as sf
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# Interpret-mode kernels become large XLA loops whose compilation, not execution, dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 K_MAX = 8
 D_MIN = 1 / K_MAX
 
@@ -68,7 +67,7 @@ class TestShortcutForcingLoss:
     inputs = (*inputs[:-1], inputs[-1].astype(jnp.float32))
     cotangent = jax.random.normal(jax.random.key(9), inputs[5].shape)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE if interpret else None)
+    @functools.partial(jax.jit, compiler_options=INTERPRET_COMPILER_OPTIONS if interpret else None)
     def outputs_and_grads(inputs, cotangent):
       loss, vjp = jax.vjp(kernel, *inputs)
       ref_loss, ref_vjp = jax.vjp(reference, *inputs)

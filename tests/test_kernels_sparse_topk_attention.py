@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import INTERPRET_COMPILER_OPTIONS
 from kernels_pallas import sparse_topk_attention as dsa
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# Interpret-mode kernels become large XLA loops whose compilation, not execution, dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 MODES = [
     pytest.param(True, id="interpret"),
@@ -31,7 +30,7 @@ def _assert_close(actual, expected, dtype):
 
 def _outputs_and_grads(kernel, reference, args, cotangent, interpret):
   """(kernel's output and input gradients, the reference's), in one compiled call."""
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE if interpret else None)
+  @functools.partial(jax.jit, compiler_options=INTERPRET_COMPILER_OPTIONS if interpret else None)
   def run(args, cotangent):
     out, vjp = jax.vjp(kernel, *args)
     ref_out, ref_vjp = jax.vjp(reference, *args)
