@@ -5,6 +5,11 @@ whole blocks: ``frame_size=F`` makes attention block-causal over frames of F tok
 causal), ``window_frames=W`` limits it to the last W frames (sliding window), ``frame_size=None``
 is bidirectional. An optional dense ``mask`` [T, S] (or broadcastable) is and-ed on top; only the
 XLA path takes it.
+
+Incremental decoding: ``Attention(..., cache=kv_cache)`` writes the new keys/values into a
+fixed-size cache (``init_kv_cache``) at ``cache["index"]`` and attends over it with the queries
+offset by that index, so decoding T new tokens costs attention to the cache, not a recompute of
+the prefix. Positions past ``index + T`` hold stale or zero entries; the causal mask hides them.
 """
 from typing import Literal
 
@@ -71,8 +76,25 @@ def dot_product_attention(q, k, v, *, frame_size=None, window_frames=None, soft_
       window_frames=window_frames, soft_cap=soft_cap, interpret=jax.default_backend() == "cpu")
 
 
+def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
+  """Empty cache for ``Attention``: keys and values [batch, max_len, kv_heads, head_dim], index 0.
+
+  Only causal (``frame_size`` not None) attention may use it, and with ``frame_size=F`` the writes
+  must be whole frames (index and length multiples of F): otherwise a query would see unwritten
+  keys of its own frame.
+  """
+  zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+  return {"key": zeros, "value": zeros, "index": jnp.zeros((), jnp.int32)}
+
+
 class Attention(nn.Module):
-  """Self-attention: GQA projections, optional QK-norm and RoPE, structured mask."""
+  """Self-attention: GQA projections, optional QK-norm and RoPE, structured mask.
+
+  ``__call__(x, positions, mask=None)`` returns the output; with ``cache=`` (see ``init_kv_cache``)
+  it returns ``(output, updated cache)``, the cache holding x's keys/values at ``index`` and the
+  index advanced by x's length. ``positions`` are absolute (the caller adds the index), and a
+  dense ``mask`` is then [..., T, max_len].
+  """
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -85,7 +107,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask=None):
+  def __call__(self, x, positions, mask=None, cache=None):
     dense = lambda n, heads_axis, name: layers.Dense(
         (n, self.head_dim), ("embed", heads_axis, "head_dim"), dtype=self.dtype, name=name)(x)
     q = dense(self.num_heads, "heads", "query")
@@ -99,7 +121,16 @@ class Attention(nn.Module):
       k = layers.rope(k, positions, base=self.rope_base)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    q_offset = 0
+    if cache is not None:
+      if self.frame_size is None:
+        raise ValueError("a KV cache needs causal attention (frame_size not None)")
+      q_offset = cache["index"]
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), q_offset, 1)
+      k, v = write(cache["key"], k), write(cache["value"], v)
+      cache = {"key": k, "value": v, "index": q_offset + x.shape[1]}
     out = dot_product_attention(q, k, v, frame_size=self.frame_size, window_frames=self.window_frames,
-                                soft_cap=self.soft_cap, mask=mask, impl=self.impl)
-    return layers.Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_axis=(-2, -1),
-                        dtype=self.dtype, name="out")(out)
+                                soft_cap=self.soft_cap, mask=mask, q_offset=q_offset, impl=self.impl)
+    out = layers.Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_axis=(-2, -1),
+                       dtype=self.dtype, name="out")(out)
+    return out if cache is None else (out, cache)

@@ -1,0 +1,198 @@
+"""The Dreamer 4 dynamics model: noisy tokenizer latents + actions -> clean latents, frame by frame.
+
+Token layout. Each frame contributes ``F = S_z + S_r + 2`` tokens, in this order:
+
+* ``S_z`` spatial tokens: the frame's ``N x C`` tokenizer latents regrouped into ``S_z`` tokens of
+  ``N * C / S_z`` values (consecutive latent tokens are merged, as the paper reshapes 512 x 16 to
+  256 x 32) and projected to the width;
+* ``S_r`` learned register tokens;
+* one noise-level token: the embeddings of the signal level tau (on the 1/K_max grid) and of the
+  step size d (log2 of 1/d) concatenated;
+* one action token: a learned embedding, plus the embedding of the Craftax action (17 categories)
+  when the frame is labelled ("unlabelled" frames carry only the learned embedding).
+
+Frame t's action token holds the action that led *into* frame t (taken at frame t - 1); the
+recorded dataset stores at step t the action taken *after* frame t, see ``actions_into_frames``.
+
+Factorised attention. Space layers attend within a frame only (bidirectional over its F tokens);
+every ``time_every``-th layer is a time layer instead, in which each of the F token slots attends
+causally over time to the same slot of the current and earlier frames. Why per-slot time attention
+rather than block-causal attention over the whole flattened sequence: it is the paper's
+"space-only + time-only" form; a time layer costs O(F T^2) rather than O(F^2 T^2); and in a rollout
+a new frame attends to T cached keys per slot, not F T. Information moves between slots only in
+the space layers, which is what the paper's ablation trades (FVD 71 -> 91) for its fastest model.
+Together the layers are block-causal in time: nothing of frame t + 1 reaches frames <= t.
+
+Single images. A per-sequence flag ``single_image`` restricts its time layers to the frame itself,
+so each frame is denoised with no context (the paper trains 30% of sequences so).
+
+KV cache. Only time layers need one (space layers see the current frame only): ``init_cache``
+makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequences, and
+``Dynamics(...)(..., cache=cache)`` treats its frames as the next ones after those cached,
+returning ``(prediction, updated cache)``.
+
+Parameters are fp32 with logical axis names; blocks compute in ``config.block.dtype``; the
+residual stream and the output projection stay fp32. Learned tokens start as small random
+vectors, not zeros (zero vectors through RMSNorm gave exploding gradients in reimplementations).
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxai.nn import attention, layers, transformer
+
+NUM_CRAFTAX_ACTIONS = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsConfig:
+  """Sizes of the dynamics transformer; ``num_latents x latent_channels`` is the tokenizer's output."""
+  block: transformer.BlockConfig
+  num_layers: int
+  num_latents: int
+  latent_channels: int
+  spatial_tokens: int
+  num_registers: int = 4
+  num_actions: int = NUM_CRAFTAX_ACTIONS
+  k_max: int = 64
+  time_every: int = 4
+  token_init_scale: float = 0.02
+
+  def __post_init__(self):
+    if self.k_max < 1 or self.k_max & (self.k_max - 1):
+      raise ValueError(f"k_max must be a power of two, got {self.k_max}")
+    if (self.num_latents * self.latent_channels) % self.spatial_tokens:
+      raise ValueError(f"{self.num_latents} x {self.latent_channels} latent values do not split into "
+                       f"{self.spatial_tokens} spatial tokens")
+    if not 1 <= self.time_every <= self.num_layers:
+      raise ValueError(f"time_every={self.time_every} must be in [1, num_layers={self.num_layers}]: "
+                       "otherwise no layer attends over time")
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return self.spatial_tokens + self.num_registers + 2
+
+  @property
+  def values_per_token(self) -> int:
+    return self.num_latents * self.latent_channels // self.spatial_tokens
+
+  @property
+  def num_step_sizes(self) -> int:
+    """d in {1, 1/2, ..., 1/K_max}."""
+    return int(math.log2(self.k_max)) + 1
+
+  @property
+  def d_min(self) -> float:
+    return 1.0 / self.k_max
+
+  def is_time_layer(self, layer: int) -> bool:
+    return layer % self.time_every == self.time_every - 1
+
+  @property
+  def num_time_layers(self) -> int:
+    return sum(self.is_time_layer(i) for i in range(self.num_layers))
+
+
+def signal_index(tau: jax.Array, k_max: int) -> jax.Array:
+  """tau on the grid {0, 1/K_max, ..., 1 - 1/K_max} -> its index; off-grid values round to it."""
+  return jnp.clip(jnp.round(tau * k_max), 0, k_max - 1).astype(jnp.int32)
+
+
+def step_index(step: jax.Array, k_max: int) -> jax.Array:
+  """d = 1 / 2^i -> i, for d in {1, ..., 1/K_max}."""
+  return jnp.clip(jnp.round(-jnp.log2(step)), 0, math.log2(k_max)).astype(jnp.int32)
+
+
+def actions_into_frames(actions: jax.Array, is_first: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Dataset convention -> model convention: (actions [B, T], labelled [B, T]).
+
+  The dataset's step t holds the action taken after seeing frame t; the model's frame t carries
+  the action taken at frame t - 1. The first frame of a window and of an episode has none.
+  """
+  previous = jnp.concatenate([jnp.zeros_like(actions[:, :1]), actions[:, :-1]], axis=1)
+  labelled = jnp.concatenate([jnp.zeros_like(is_first[:, :1]), ~is_first[:, 1:]], axis=1)
+  return previous, labelled
+
+
+def init_cache(config: DynamicsConfig, batch: int, max_frames: int) -> list[dict]:
+  """One empty KV cache per time layer, over the ``batch * tokens_per_frame`` slot sequences."""
+  b = config.block
+  return [attention.init_kv_cache(batch * config.tokens_per_frame, max_frames, b.num_kv_heads,
+                                  b.head_dim, b.dtype) for _ in range(config.num_time_layers)]
+
+
+def _single_image_mask(single_image, slots, q_len, kv_len, q_offset):
+  """[B * slots, 1, 1, q_len, kv_len] for the time layers: flagged sequences see only their own frame."""
+  own_frame = (q_offset + jnp.arange(q_len))[:, None] == jnp.arange(kv_len)[None, :]
+  mask = own_frame | ~single_image[:, None, None]  # [B, q_len, kv_len]
+  return jnp.repeat(mask, slots, axis=0)[:, None, None]
+
+
+class Dynamics(nn.Module):
+  """``(latents, tau, step, actions, action_mask=None, single_image=None, cache=None)`` -> predicted
+  clean latents [B, T, N, C] (fp32), or ``(prediction, cache)`` when a cache is given.
+
+  latents: [B, T, N, C] noisy latents z_tau; tau, step: [B, T] signal level and step size of each
+  frame; actions: [B, T] int, the action that led into each frame; action_mask: [B, T] bool, False
+  for unlabelled frames (default: all labelled); single_image: [B] bool (default: none).
+  """
+  config: DynamicsConfig
+
+  def setup(self):
+    c = self.config
+    width = c.block.width
+    small = lambda axes: layers.partitioned(nn.initializers.normal(c.token_init_scale), axes)
+    self.latent_in = layers.Dense(width, (None, "embed"), dtype=c.block.dtype)
+    self.registers = self.param("registers", small((None, "embed")), (c.num_registers, width), jnp.float32)
+    # Two halves concatenated, as in the paper: signal level, then step size.
+    self.signal_embed = self.param("signal_embed", small((None, "embed")), (c.k_max, width // 2), jnp.float32)
+    self.step_embed = self.param("step_embed", small((None, "embed")),
+                                 (c.num_step_sizes, width - width // 2), jnp.float32)
+    self.action_embed = self.param("action_embed", small((None, "embed")), (c.num_actions, width),
+                                   jnp.float32)
+    self.action_base = self.param("action_base", small(("embed",)), (width,), jnp.float32)
+    self.blocks = [transformer.TransformerBlock(c.block, frame_size=1 if c.is_time_layer(i) else None)
+                   for i in range(c.num_layers)]
+    self.out_norm = layers.RMSNorm(dtype=jnp.float32)
+    self.latent_out = layers.Dense(c.values_per_token, ("embed", None), dtype=jnp.float32)
+
+  def embed_frames(self, latents, tau, step, actions, action_mask):
+    """[B, T, F, width] fp32 input tokens."""
+    c = self.config
+    b, t = latents.shape[:2]
+    spatial = self.latent_in(latents.reshape(b, t, c.spatial_tokens, c.values_per_token)).astype(jnp.float32)
+    registers = jnp.broadcast_to(self.registers, (b, t, *self.registers.shape))
+    noise_level = jnp.concatenate([self.signal_embed[signal_index(tau, c.k_max)],
+                                   self.step_embed[step_index(step, c.k_max)]], axis=-1)
+    action = self.action_base + jnp.where(action_mask[..., None], self.action_embed[actions], 0.0)
+    return jnp.concatenate([spatial, registers, noise_level[:, :, None], action[:, :, None]], axis=2)
+
+  def __call__(self, latents, tau, step, actions, action_mask=None, single_image=None, cache=None):
+    c = self.config
+    b, t = latents.shape[:2]
+    f, width = c.tokens_per_frame, c.block.width
+    if action_mask is None:
+      action_mask = jnp.ones((b, t), bool)
+    x = self.embed_frames(latents, tau, step, actions, action_mask)
+    time_offset = 0 if cache is None else cache[0]["index"]
+    kv_len = t if cache is None else cache[0]["key"].shape[1]
+    time_positions = (time_offset + jnp.arange(t))[None]
+    time_mask = None if single_image is None else _single_image_mask(single_image, f, t, kv_len, time_offset)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      if c.is_time_layer(i):  # [B * F slot sequences, T frames]
+        h = x.swapaxes(1, 2).reshape(b * f, t, width)
+        if cache is None:
+          h = block(h, time_positions, time_mask)
+        else:
+          h, layer_cache = block(h, time_positions, time_mask, cache=cache[len(new_cache)])
+          new_cache.append(layer_cache)
+        x = h.reshape(b, f, t, width).swapaxes(1, 2)
+      else:  # [B * T frames, F tokens]
+        x = block(x.reshape(b * t, f, width), jnp.arange(f)[None]).reshape(b, t, f, width)
+    out = self.latent_out(self.out_norm(x[:, :, :c.spatial_tokens]))
+    out = out.reshape(b, t, c.num_latents, c.latent_channels)
+    return out if cache is None else (out, new_cache)

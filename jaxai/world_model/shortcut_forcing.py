@@ -1,0 +1,121 @@
+"""Shortcut forcing (Dreamer 4): the training objective of the dynamics model.
+
+Convention: tau = 0 is pure noise, tau = 1 clean data; z_tau = (1 - tau) z0 + tau z1 with
+z0 ~ N(0, I). Diffusion forcing: every frame draws its own step size d = 1 / U{1, 2, 4, ..., K_max}
+and signal level tau ~ U{0, d, ..., 1 - d} (``sample_tau_and_step``). The network predicts clean
+latents (x-prediction). Frames with d = d_min = 1 / K_max regress the clean latents (x-space loss);
+the others regress, in v-space, the average of two half steps of size d / 2 taken by the network
+itself under stop-gradient (bootstrap), times (1 - tau)^2 to bring it back to x-space scale; every
+frame is weighted by the ramp 0.9 tau + 0.1. The formula lives once, in
+``kernels_pallas/shortcut_forcing.py``: its fused Pallas kernel when the model's attention runs on
+Pallas, its plain-jnp reference otherwise (on CPU the kernel could only be interpreted).
+
+The two half steps need two extra forward passes, over the whole sequence at once:
+  pass 1: f(z_tau, tau, d / 2) for every frame;
+  pass 2: f(z', tau + d / 2, d / 2) with z' = z_tau + b1 d / 2, b1 = (pass 1 - z_tau) / (1 - tau).
+In pass 2 every bootstrapped frame has moved half a step, so a frame's context frames are their
+half-stepped versions too (slightly cleaner than in the main pass) rather than exactly the main
+pass's context: the price of one pass instead of one per frame, and still a context the model
+trains on (each context frame is a sample at its own grid signal level). Frames with d = d_min
+keep (z_tau, tau, d) in both passes: their half steps are not used and d_min / 2 is off the grid.
+"""
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import shortcut_forcing as kernel
+
+
+def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> tuple[jax.Array, jax.Array]:
+  """Per frame (tau, d), fp32: d = 1 / 2^U{0..log2 K_max}, tau = U{0, ..., 1/d - 1} * d."""
+  step_rng, tau_rng = jax.random.split(rng)
+  num_steps = 2 ** jax.random.randint(step_rng, shape, 0, k_max.bit_length())  # 1, 2, ..., K_max
+  tau = jax.random.randint(tau_rng, shape, 0, num_steps) / num_steps
+  return tau.astype(jnp.float32), (1.0 / num_steps).astype(jnp.float32)
+
+
+def is_x_space(step: jax.Array, k_max: int) -> jax.Array:
+  """Frames trained with the x-space loss: d == d_min (with the kernel's tolerance for 1/K rounding)."""
+  return step <= (1.0 + 1e-6) / k_max
+
+
+def corrupt(z_clean: jax.Array, noise: jax.Array, tau: jax.Array) -> jax.Array:
+  """z_tau = (1 - tau) noise + tau z_clean; tau has the leading (frame) axes of z_clean."""
+  tau = tau.reshape(tau.shape + (1,) * (z_clean.ndim - tau.ndim))
+  return (1.0 - tau) * noise + tau * z_clean
+
+
+def sample_single_image(rng: jax.Array, batch: int, fraction: float) -> jax.Array:
+  """[batch] bool: which sequences are trained as independent single images (no time context)."""
+  return jax.random.uniform(rng, (batch,)) < fraction
+
+
+def shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask, *, k_max: int,
+                          impl: str = "xla"):
+  """Per-frame shortcut-forcing loss [B, T] and the prediction f(z_tau, tau, d) [B, T, N, C].
+
+  Args:
+    predict: (z_noisy, tau, step) -> predicted clean latents [B, T, N, C] (the model with its
+      parameters and actions bound); the gradient flows only through its call on (z_tau, tau, d).
+    z_clean, noise: [B, T, N, C] latents z1 and Gaussian noise z0.
+    tau, step: [B, T] per-frame signal level and step size (``sample_tau_and_step``).
+    frame_mask: [B, T] weight of each frame (0 for padding).
+    k_max: d_min = 1 / k_max selects the x-space loss.
+    impl: "pallas" uses the fused kernel (interpreted on CPU), "xla" its jnp reference.
+  """
+  d_min = 1.0 / k_max
+  z_clean = z_clean.astype(jnp.float32)
+  z_noisy = corrupt(z_clean, noise.astype(jnp.float32), tau)
+  bootstrap = ~is_x_space(step, k_max)
+  half = jnp.where(bootstrap, step / 2, step)
+  sg_predict = lambda *args: jax.lax.stop_gradient(predict(*args).astype(jnp.float32))
+  pred_half1 = sg_predict(z_noisy, tau, half)
+  # Only the network input z' is formed here; the kernel recomputes b1 and b2 from pred_half1/2.
+  b1 = (pred_half1 - z_noisy) / (1.0 - tau)[..., None, None]
+  z_mid = jnp.where(bootstrap[..., None, None], z_noisy + b1 * half[..., None, None], z_noisy)
+  pred_half2 = sg_predict(z_mid, jnp.where(bootstrap, tau + half, tau), half)
+  pred = predict(z_noisy, tau, step).astype(jnp.float32)
+  args = (pred, z_clean, z_noisy, pred_half1, pred_half2, tau, step, frame_mask.astype(jnp.float32))
+  if impl == "pallas":
+    loss = kernel.shortcut_forcing_loss(*args, d_min=d_min, interpret=jax.default_backend() == "cpu")
+  elif impl == "xla":
+    loss = kernel.reference_shortcut_forcing_loss(*args, d_min=d_min)
+  else:
+    raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
+  return loss, pred
+
+
+def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0.0):
+  """(scalar loss, metrics) of a ``dynamics.Dynamics`` model on a batch of tokenizer latents.
+
+  batch: ``latents`` [B, T, N, C] (frozen tokenizer output), ``actions`` [B, T] int (the action
+  that led into each frame, see ``dynamics.actions_into_frames``), optional ``action_mask`` [B, T]
+  bool (False: unlabelled) and ``frame_mask`` [B, T] (0: padding). ``single_image_fraction`` of
+  the sequences (drawn from ``rng``) are trained without time context. K_max and the loss
+  implementation come from ``model.config`` (the loss kernel follows ``block.impl``).
+  """
+  c = model.config
+  z_clean = batch["latents"].astype(jnp.float32)
+  b, t = z_clean.shape[:2]
+  action_mask = batch.get("action_mask", jnp.ones((b, t), bool))
+  frame_mask = batch.get("frame_mask", jnp.ones((b, t), jnp.float32)).astype(jnp.float32)
+  tau_rng, noise_rng, image_rng = jax.random.split(rng, 3)
+  tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max)
+  noise = jax.random.normal(noise_rng, z_clean.shape, jnp.float32)
+  single_image = (sample_single_image(image_rng, b, single_image_fraction)
+                  if single_image_fraction > 0 else None)
+
+  def predict(z_noisy, tau, step):
+    return model.apply({"params": params}, z_noisy, tau, step, batch["actions"], action_mask, single_image)
+
+  frame_loss, pred = shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask,
+                                           k_max=c.k_max, impl=c.block.impl)
+  masked_mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+  x_space = is_x_space(step, c.k_max) * frame_mask
+  loss = masked_mean(frame_loss, frame_mask)
+  clean_mse = jnp.mean(jnp.square(jax.lax.stop_gradient(pred) - z_clean), axis=(2, 3))
+  metrics = {
+      "x_space_loss": masked_mean(frame_loss, x_space),
+      "bootstrap_loss": masked_mean(frame_loss, frame_mask - x_space),
+      "clean_mse": masked_mean(clean_mse, frame_mask),  # distance to the data at every tau and d
+  }
+  return loss, metrics
