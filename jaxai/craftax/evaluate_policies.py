@@ -1,0 +1,83 @@
+"""How skilled each behaviour policy is: achievement success rates in the real Craftax-Classic.
+
+    python -m jaxai.craftax.evaluate_policies [--episodes 32] [--max_episode_len 2000]
+        [--policies random,novice,intermediate,expert] [--num_envs 64]
+
+prints one JSON line per policy: success rate (%) of each of the 22 achievements over the episodes
+(an achievement counts if unlocked at any point of the episode), the Crafter score (geometric mean
+of 1 + rate, minus 1), mean episode length, death rate and mean return. Worlds are seeds from
+``EVAL_SEED_BASE`` on, disjoint from the dataset's train and heldout worlds; every policy plays the
+same worlds. ``--max_episode_len`` defaults to the ``default`` dataset's cap, so the rates describe
+the recorded behaviour; pass 10000 for the game's full episodes.
+
+Measured with the defaults (32 episodes of at most 2000 steps per policy; 43 s on the 2-core CPU
+machine), success rates in %:
+
+  policy        wood table wood_pick stone_pick furnace  coal  iron iron_pick diamond score deaths length
+  random        62.5  15.6       0.0        0.0     0.0   0.0   0.0       0.0     0.0  1.83   100%    164
+  novice       100.0 100.0     100.0        0.0    12.5   3.1   0.0       0.0     0.0 10.54   100%    193
+  intermediate 100.0 100.0     100.0       87.5    87.5  31.2  25.0       0.0     0.0 42.48    94%    876
+  expert       100.0 100.0     100.0      100.0    96.9 100.0  96.9      96.9    96.9 98.85    19%   1793
+
+(score: the Crafter score over all 22 achievements; published references: random 1.6, human
+experts 50.5.) In the recorded ``default`` train split the expert reached the iron pickaxe in 89 and
+the diamond in 88 of its 120 episodes.
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from jaxai.craftax import env as craftax_env
+from jaxai.craftax import policies
+
+EVAL_SEED_BASE = 3 << 29  # above the heldout seeds (1 << 30 onwards), below 2**31
+
+
+def evaluate(policy_names, episodes: int, max_episode_len: int, num_envs: int) -> list[dict]:
+  specs = [policies.EpisodeSpec(EVAL_SEED_BASE + i, name)
+           for name in policy_names for i in range(episodes)]
+  summaries = {name: [] for name in policy_names}
+  start = time.time()
+  for item in policies.play_episodes(specs, num_envs=min(num_envs, len(specs)),
+                                     max_episode_len=max_episode_len,
+                                     render=False):
+    summaries[item.policy].append(item)
+  seconds = time.time() - start
+  results = []
+  for name in policy_names:
+    done = summaries[name]
+    unlocked = np.stack([s.achievements for s in done])
+    rates = 100.0 * unlocked.mean(0)
+    results.append({
+        "policy": name, "episodes": len(done), "max_episode_len": max_episode_len,
+        "success_rates": {a: round(float(r), 1) for a, r in zip(craftax_env.ACHIEVEMENTS, rates)},
+        "crafter_score": round(craftax_env.crafter_score(rates), 2),
+        "mean_length": round(float(np.mean([s.length for s in done])), 1),
+        "death_rate": round(float(np.mean([s.terminal and s.length <= craftax_env.MAX_EPISODE_STEPS
+                                           for s in done])), 3),
+        "mean_return": round(float(np.mean([s.episode_return for s in done])), 2),
+        "seconds_all_policies": round(seconds, 1),
+    })
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--episodes", type=int, default=32, help="episodes per policy")
+  parser.add_argument("--max_episode_len", type=int, default=2000)
+  parser.add_argument("--policies", default=",".join(policies.POLICY_NAMES))
+  parser.add_argument("--num_envs", type=int, default=64)
+  args = parser.parse_args(argv)
+  names = [n for n in args.policies.split(",") if n]
+  unknown = [n for n in names if n not in policies.SKILLS]
+  if unknown:
+    parser.error(f"unknown policies {unknown}; choose from {', '.join(policies.POLICY_NAMES)}")
+  for result in evaluate(names, args.episodes, args.max_episode_len, args.num_envs):
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
