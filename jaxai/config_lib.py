@@ -74,6 +74,15 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def validate_attention_heads(prefix: str, heads) -> None:
+  """Checks ``heads.num_heads``/``num_kv_heads``/``head_dim`` of the model section ``prefix``."""
+  if heads.num_heads % heads.num_kv_heads:
+    raise ConfigError(f"{prefix}.num_kv_heads", f"num_heads={heads.num_heads} is not a multiple of "
+                      f"num_kv_heads={heads.num_kv_heads}")
+  if heads.head_dim % 2:
+    raise ConfigError(f"{prefix}.head_dim", f"RoPE needs an even head_dim, got {heads.head_dim}")
+
+
 def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Mesh sizes in MESH_AXES order; at most one axis may be -1 and takes the remaining devices."""
   sizes = [int(mesh[a]) for a in MESH_AXES]

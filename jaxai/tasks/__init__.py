@@ -14,6 +14,7 @@ from jaxai import config_lib
 
 REGISTRY = {
     "lm": "jaxai.tasks.lm",
+    "world_model": "jaxai.world_model.task",
 }
 
 Batch = Any

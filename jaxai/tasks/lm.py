@@ -16,12 +16,7 @@ from jaxai.tasks import Task
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  if m.num_heads % m.num_kv_heads:
-    raise config_lib.ConfigError("model.num_kv_heads", f"num_heads={m.num_heads} is not a multiple of "
-                                 f"num_kv_heads={m.num_kv_heads}")
-  if m.head_dim % 2:
-    raise config_lib.ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+  config_lib.validate_attention_heads("model", config.model)
   if config.data.source != "stdlib":
     try:
       text_corpus._list_files(config.data.source)  # pylint: disable=protected-access

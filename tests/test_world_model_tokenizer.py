@@ -1,0 +1,261 @@
+"""The causal tokenizer (Dreamer 4, issue 4): masks, causality, patch dropping, loss pieces, training.
+
+References are independent: masks built token by token from the paper's sentences, PSNR and the
+image-gradient loss recomputed in float64 numpy, drop rates against the U(0, 0.9) law.
+"""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, run_main
+from jaxai import config_lib, main
+from jaxai.nn import transformer
+from jaxai.world_model import task as task_lib
+from jaxai.world_model import tokenizer as tok
+from jaxai.world_model import tokenizer_loss
+
+_spec = importlib.util.spec_from_file_location("world_model_config",
+                                               os.path.join(REPO_ROOT, "configs", "world_model.py"))
+world_model_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(world_model_config)
+
+BLOCK = transformer.BlockConfig(width=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_hidden=64)
+CONFIG = tok.TokenizerConfig(block=BLOCK, encoder_layers=2, decoder_layers=2, num_latents=3,
+                             latent_channels=4, image_shape=(14, 21, 3), patch_size=7)  # 2x3 patches
+
+
+@pytest.fixture(scope="module", name="model_and_params")
+def fixture_model_and_params():
+  model = tok.Tokenizer(CONFIG)
+  frames = jnp.zeros((1, 3, *CONFIG.image_shape), jnp.uint8)
+  return model, jax.jit(model.init)(jax.random.key(0), frames)["params"]
+
+
+def random_frames(seed, shape):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# --- layout and masks -----------------------------------------------------------------------------
+
+def test_patchify_is_row_major_tiles_and_unpatchify_inverts_it():
+  frames = random_frames(0, (2, 14, 21, 3))
+  patches = np.asarray(tok.patchify(jnp.asarray(frames), 7))
+  assert patches.shape == (2, 6, 147)
+  for r in range(2):
+    for c in range(3):
+      np.testing.assert_array_equal(patches[:, r * 3 + c], frames[:, 7 * r:7 * r + 7, 7 * c:7 * c + 7].reshape(2, -1))
+  np.testing.assert_array_equal(np.asarray(tok.unpatchify(jnp.asarray(patches), 7, (2, 3))), frames)
+
+
+def reference_mask(kind, num_frames, num_patches, num_latents):
+  """Token by token, from the paper: block-causal in time, then who reads whom within the modalities."""
+  per_frame = num_patches + num_latents
+  n = num_frames * per_frame
+  mask = np.zeros((n, n), bool)
+  for q in range(n):
+    for k in range(n):
+      if k // per_frame > q // per_frame:  # never a later frame
+        continue
+      q_is_latent = q % per_frame >= num_patches
+      k_is_latent = k % per_frame >= num_patches
+      if kind == "encoder":  # latents attend to everything; patches only to patches
+        mask[q, k] = True if q_is_latent else not k_is_latent
+      else:  # latents attend only to latents; patches to patches and latents
+        mask[q, k] = k_is_latent if q_is_latent else True
+  return mask
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_masks_match_the_papers_description(kind):
+  np.testing.assert_array_equal(np.asarray(tok.attention_mask(kind, 3, 4, 2)), reference_mask(kind, 3, 4, 2))
+
+
+def test_encoder_is_causal_in_time(model_and_params):
+  model, params = model_and_params
+  frames = random_frames(1, (2, 3, *CONFIG.image_shape))
+  encode = jax.jit(lambda f: model.apply({"params": params}, f, method=tok.Tokenizer.encode))
+  base = np.asarray(encode(frames))
+  assert base.shape == (2, 3, CONFIG.num_latents, CONFIG.latent_channels)
+  for t in range(2):
+    changed = frames.copy()
+    changed[:, t + 1:] = random_frames(2 + t, changed[:, t + 1:].shape)
+    out = np.asarray(encode(changed))
+    np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])  # the past is untouched
+    assert np.abs(out[:, t + 1] - base[:, t + 1]).max() > 1e-4  # and the changed frame matters
+
+
+def test_decoder_is_causal_in_time(model_and_params):
+  model, params = model_and_params
+  latents = np.random.default_rng(3).uniform(-1, 1, (2, 3, CONFIG.num_latents, CONFIG.latent_channels))
+  decode = jax.jit(lambda z: model.apply({"params": params}, z, method=tok.Tokenizer.decode))
+  base = np.asarray(decode(latents))
+  assert base.shape == (2, 3, *CONFIG.image_shape)
+  changed = latents.copy()
+  changed[:, 2] = -changed[:, 2]
+  out = np.asarray(decode(changed))
+  np.testing.assert_array_equal(out[:, :2], base[:, :2])
+  assert np.abs(out[:, 2] - base[:, 2]).max() > 1e-4
+
+
+def test_bottleneck_is_tanh_bounded_and_latents_ignore_nothing_at_inference(model_and_params):
+  model, params = model_and_params
+  frames = random_frames(4, (2, 1, *CONFIG.image_shape))
+  recon, latents, dropped = jax.jit(lambda f: model.apply({"params": params}, f))(frames)
+  assert np.all(np.abs(np.asarray(latents)) < 1)
+  assert not np.asarray(dropped).any()  # rng=None: inference, p = 0
+  assert recon.shape == frames.shape
+
+
+# --- masked autoencoding --------------------------------------------------------------------------
+
+def test_patch_drop_rates_follow_uniform_0_to_0p9():
+  # Many patches per image: the fraction dropped in an image is then close to its own p.
+  drop = np.asarray(tok.sample_patch_drop(jax.random.key(0), (4000,), 2000, 0.9))
+  fractions = drop.mean(axis=-1)
+  assert abs(fractions.mean() - 0.45) < 0.01
+  # Quantiles of U(0, 0.9): q -> 0.9 q (binomial noise per image is ~0.01 here).
+  np.testing.assert_allclose(np.quantile(fractions, [0.1, 0.25, 0.5, 0.75, 0.9]),
+                             0.9 * np.array([0.1, 0.25, 0.5, 0.75, 0.9]), atol=0.025)
+  assert fractions.max() < 0.95 and fractions.min() < 0.02
+  assert not np.asarray(tok.sample_patch_drop(jax.random.key(1), (100,), 81, 0.0)).any()
+
+
+def test_model_drops_patches_per_image_during_training(model_and_params):
+  model, params = model_and_params
+  frames = random_frames(5, (64, 4, *CONFIG.image_shape))
+  apply = jax.jit(lambda f, rng: model.apply({"params": params}, f, rng))
+  _, lat_a, dropped = apply(frames, jax.random.key(7))
+  dropped = np.asarray(dropped)
+  assert dropped.shape == (64, 4, CONFIG.num_patches)
+  assert abs(dropped.mean() - 0.45) < 0.05  # 256 images x 6 patches
+  # Dropped patches do not reach the latents: changing their pixels changes nothing.
+  frames_b = frames.copy()
+  patch_pixels = np.array(tok.patchify(jnp.asarray(frames_b), 7))
+  patch_pixels[dropped] = 255 - patch_pixels[dropped]
+  frames_b = np.asarray(tok.unpatchify(jnp.asarray(patch_pixels), 7, CONFIG.grid))
+  _, lat_b, _ = apply(frames_b, jax.random.key(7))
+  np.testing.assert_allclose(np.asarray(lat_a), np.asarray(lat_b), atol=1e-6)
+
+
+# --- loss pieces ----------------------------------------------------------------------------------
+
+def test_psnr_matches_the_textbook_formula():
+  a = random_frames(6, (5, 9, 9, 3))
+  b = np.clip(a.astype(int) + random_frames(7, a.shape) % 9 - 4, 0, 255).astype(np.uint8)
+  mse_255 = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
+  expected = 20 * np.log10(255.0) - 10 * np.log10(mse_255)
+  got = tokenizer_loss.psnr(jnp.asarray(a / 255.0, jnp.float32), jnp.asarray(b / 255.0, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+  # An error of 0.1 everywhere is 20 dB.
+  np.testing.assert_allclose(float(tokenizer_loss.psnr(jnp.full((4, 4, 3), 0.6), jnp.full((4, 4, 3), 0.5))),
+                             20.0, rtol=1e-5)
+
+
+def test_gradient_loss_matches_numpy():
+  x, y = np.random.default_rng(8).normal(size=(2, 3, 6, 5, 3))
+  expected = 0.5 * (((np.diff(x, axis=1) - np.diff(y, axis=1)) ** 2).mean(axis=(1, 2, 3)) +
+                    ((np.diff(x, axis=2) - np.diff(y, axis=2)) ** 2).mean(axis=(1, 2, 3)))
+  np.testing.assert_allclose(np.asarray(tokenizer_loss.gradient_loss(jnp.asarray(x), jnp.asarray(y))),
+                             expected, rtol=1e-5)
+  # A constant offset has no edges: zero loss. A blurred step edge has a positive one.
+  assert float(tokenizer_loss.gradient_loss(jnp.asarray(x[0]), jnp.asarray(x[0]) + 0.3).max()) < 1e-10
+
+
+def test_rms_normalizer_divides_by_the_stop_gradient_rms():
+  values = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+  rms = np.sqrt(np.mean(values.astype(np.float64) ** 2))
+
+  def normalized(v, scale):
+    return tokenizer_loss.rms_normalize({"a": v * scale})[0]["a"]
+
+  for scale in (1e-4, 1.0, 1e3):  # the term's scale does not matter: value and gradient are invariant
+    np.testing.assert_allclose(float(normalized(values, scale)), values.mean() / rms, rtol=1e-5)
+    grad = np.asarray(jax.grad(normalized)(jnp.asarray(values), scale))
+    np.testing.assert_allclose(grad, np.full(4, 1 / (4 * rms)), rtol=1e-4)  # RMS is not differentiated
+  _, stats = tokenizer_loss.rms_normalize({"a": jnp.asarray(values)})
+  np.testing.assert_allclose(float(stats["a"]), rms, rtol=1e-6)
+
+
+def test_loss_value_is_raw_mse_plus_weighted_edge_loss(model_and_params):
+  model, params = model_and_params
+  frames = random_frames(9, (4, 2, *CONFIG.image_shape))
+  loss, metrics = tokenizer_loss.tokenizer_loss(model, 0.2, params, {"frames": frames}, jax.random.key(1))
+  recon, _, _ = model.apply({"params": params}, frames, jax.random.key(1))
+  recon, target = np.asarray(recon, np.float64), frames / 255.0
+  mse = ((recon - target) ** 2).mean()
+  edges = 0.5 * (((np.diff(recon, axis=2) - np.diff(target, axis=2)) ** 2).mean() +
+                 ((np.diff(recon, axis=3) - np.diff(target, axis=3)) ** 2).mean())
+  np.testing.assert_allclose(float(loss), mse + 0.2 * edges, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["mse"]), mse, rtol=1e-4)
+
+
+# --- the task through the trainer -----------------------------------------------------------------
+
+def tiny_config(**overrides):
+  config = world_model_config.get_config("tiny")
+  config.update(overrides)
+  return config
+
+
+def test_tiny_training_lowers_the_loss_and_reports_psnr(tmp_path):
+  config = tiny_config(total_steps=40, log_every=5, eval_every=20)
+  config.optimizer.learning_rate = 3e-3
+  main.run(config, str(tmp_path))
+  with open(tmp_path / "tokenizer" / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  losses = {r["step"]: r["loss"] for r in rows}
+  assert losses[40] < 0.6 * losses[5], losses
+  evals = [r for r in rows if "eval/psnr" in r]
+  assert [r["step"] for r in evals] == [20, 40]
+  assert evals[-1]["eval/psnr"] > evals[0]["eval/psnr"]
+  assert evals[-1]["bottleneck_values"] == 4 * 8
+  assert evals[-1]["compression_ratio"] == pytest.approx(63 * 63 * 3 / 32)
+  assert abs(np.mean([r["drop_fraction"] for r in rows]) - 0.45) < 0.1
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(tmp_path / "tokenizer" / "recon_step_40.png") as image:
+    assert image.size[0] > 63 and image.size[1] > 2 * 63
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(stage="dynamics"), "stage"),
+    (dict(stage="all"), "stage"),
+    (dict(stage="video"), "stage"),
+    (dict(tokenizer=dict(num_latents=64, latent_channels=16)), "tokenizer.latent_channels"),
+    (dict(tokenizer=dict(patch_size=8)), "tokenizer.patch_size"),
+    (dict(data=dict(source="craftax", dir="/nonexistent/craftax", generate=False)), "data.dir"),
+])
+def test_config_errors_name_the_field(tmp_path, overrides, field):
+  config = tiny_config()
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    main.run(config, str(tmp_path))
+  assert error.value.field == field
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_reports_unimplemented_stage_in_one_line(tmp_path):
+  result = run_main(["--config=configs/world_model.py:tiny", "--config.stage=dynamics",
+                     f"--workdir={tmp_path}"], devices=1)
+  assert result.returncode == main.EXIT_CONFIG_ERROR
+  assert result.stderr.strip().splitlines()[-1].startswith("config error: stage: 'dynamics' is not implemented")
+
+
+@pytest.mark.parametrize("variant", ["tiny", "default", "full"])
+def test_every_variant_parses_and_traces(variant):
+  config = world_model_config.get_config(variant)
+  config.data.source = "synthetic"  # the default and full variants read a recorded dataset
+  task_lib.validate(config)
+  model = task_lib.make_tokenizer(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, config.data.window_len, 63, 63, 3), jnp.uint8))
+  assert shapes["params"]["to_bottleneck"]["kernel"].value.shape[-1] == config.tokenizer.latent_channels
+  assert config.tokenizer.num_latents * config.tokenizer.latent_channels * 16 <= 63 * 63 * 3
