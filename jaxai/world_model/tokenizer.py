@@ -3,8 +3,11 @@
 Token layout. A frame of ``H x W x C`` pixels is cut into ``N = (H/p) * (W/p)`` patches of ``p x p``
 pixels (Craftax: 63x63 frames, 7x7 patches that coincide with the game's tiles, N = 81), row-major.
 Every frame contributes ``F = N + L`` tokens, its N patch tokens followed by its L latent tokens, and
-a window of T frames is the frame-major sequence of ``T * F`` tokens. Each token's RoPE position is
-its index in that sequence; patch tokens also get a learned embedding of their place in the grid.
+a window of T frames is the frame-major sequence of ``T * F`` tokens. RoPE positions are spatial
+(``token_positions``): patch i of frame t sits at ``t * N + i`` and each latent on the patches it is
+meant to summarise (latent j of L at the centre of the j-th of L equal runs of patches), so reading
+"the tokens at my own position" is one translation-invariant rule shared by all latents (encoder)
+and all patch queries (decoder). Patch tokens also get a learned embedding of their grid cell.
 
 Attention is block-causal over frames (``frame_size=F``: a token sees its own frame and earlier
 ones, never later ones) and-ed with a modality mask, the same for every pair of frames:
@@ -115,6 +118,19 @@ def attention_mask(kind: str, num_frames: int, num_patches: int, num_latents: in
   return causal & jnp.tile(modality_mask(kind, num_patches, num_latents), (num_frames, num_frames))
 
 
+def token_positions(num_frames: int, num_patches: int, num_latents: int) -> jax.Array:
+  """RoPE positions [T * F]: patch i of frame t at ``t * N + i``; latent j at the centre of the j-th of
+  L equal runs of patches, ``t * N + (j + 0.5) * N / L - 0.5`` (so with L = N, latent j sits on patch j).
+
+  A latent then shares its position with the patches it is meant to summarise, and "read the tokens
+  at relative position ~0" is one translation-invariant rule for every latent (encoder) and every
+  patch query (decoder), instead of an alignment learned separately per token.
+  """
+  latent = (jnp.arange(num_latents) + 0.5) * num_patches / num_latents - 0.5
+  within = jnp.concatenate([jnp.arange(num_patches, dtype=jnp.float32), latent.astype(jnp.float32)])
+  return (jnp.arange(num_frames, dtype=jnp.float32)[:, None] * num_patches + within).reshape(-1)
+
+
 def sample_patch_drop(rng: jax.Array, frames_shape: tuple[int, ...], num_patches: int,
                       max_prob: float) -> jax.Array:
   """Boolean [*frames_shape, num_patches]: per frame q ~ U(0, max_prob), each patch dropped w.p. q."""
@@ -170,7 +186,7 @@ class Tokenizer(nn.Module):
     b, t, n, d = patch_tokens.shape
     x = jnp.concatenate([patch_tokens, latent_tokens], axis=2).reshape(b, t * c.tokens_per_frame, d)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    positions = jnp.arange(x.shape[1])[None, :]
+    positions = token_positions(t, c.num_patches, c.num_latents)[None, :]
     mask = jnp.tile(modality_mask(kind, c.num_patches, c.num_latents), (t, t))
     for block in blocks:
       x = block(x, positions, mask)
