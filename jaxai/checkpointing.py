@@ -28,6 +28,14 @@ class Checkpointer:
                        "data": grain.checkpoint.CheckpointHandler()},
     )
 
+  @staticmethod
+  def exists(directory: str) -> bool:
+    """Whether ``directory`` holds at least one finished checkpoint (without creating anything)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+      return False
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)).latest_step() is not None
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -56,3 +64,35 @@ class Checkpointer:
 
 def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(directory: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, params as numpy arrays) of checkpoint ``step`` (default: the latest) in ``directory``.
+
+  For a later stage that uses an earlier stage's model frozen (the world model's dynamics stage
+  reads the tokenizer's). Raises FileNotFoundError when there is no checkpoint and CheckpointCorrupt
+  when it cannot be read.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "data": grain.checkpoint.CheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoints in {directory}")
+    try:
+      tree = manager.item_metadata(step)["state"]
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorrupt(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  finally:
+    manager.close()
+  # Host arrays: jitted functions then place them as their mesh needs (committed single-device
+  # arrays would clash with a multi-device mesh in scope).
+  return step, jax.device_get(state["params"])

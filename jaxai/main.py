@@ -87,11 +87,10 @@ def run(config, workdir: str) -> list[dict]:
   module = tasks.task_module(config)
   if hasattr(module, "validate"):
     module.validate(config)
-  results = []
-  for stage in module.build_stages(config, workdir):
+  stages = module.build_stages(config, workdir)
+  for stage in stages:  # every stage's trainer fields, before the first stage trains
     config_lib.validate_trainer(stage.config, jax.device_count())
-    results.append(train.train(stage, workdir))
-  return results
+  return [train.train(stage, workdir) for stage in stages]
 
 
 def main(argv):

@@ -1,8 +1,10 @@
 """The training loop shared by every task: sharded init, one jitted step, checkpoints, metrics.
 
 The step is a pure function ``(state, batch) -> (state, metrics)`` jitted once with explicit
-shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}``; its shardings
-come from the logical axis names the model gives its parameters and the config's rules table.
+shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
+``'loss_state'`` for tasks whose loss carries running statistics (``Task.init_loss_state``); its
+shardings come from the logical axis names the model gives its parameters and the config's rules
+table (the loss state is small and replicated).
 """
 import contextlib
 import json
@@ -36,26 +38,39 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule):
   config = task.config
   base_rng = jax.random.key(config.seed)
   accum = config.grad_accum_steps
-  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  stateful = task.init_loss_state is not None
+  if stateful:  # (params, loss_state, batch, rng) -> (loss, (metrics, loss_state))
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  else:  # the same signature around a stateless loss, so the step below has one form
+    def stateless(params, loss_state, batch, rng):
+      loss, metrics = task.loss(params, batch, rng)
+      return loss, (metrics, loss_state)
+    grad_fn = jax.value_and_grad(stateless, has_aux=True)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
     params = state["params"]
+    loss_state = state.get("loss_state", {})
     if accum == 1:
-      (loss, aux), grads = grad_fn(params, batch, rng)
+      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, batch, rng)
     else:
+      # Micro-batches run in sequence, so the loss state passes through each of them in turn.
       def micro_step(carry, xs):
+        sums, loss_state = carry
         micro_batch, index = xs
-        (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, rng))
-      zeros = (zeros[0][0], zeros[0][1], zeros[1])
-      (loss, aux, grads), _ = jax.lax.scan(
-          micro_step, zeros, (_split_microbatches(batch, accum), jnp.arange(accum)))
-      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+        (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, micro_batch,
+                                                   jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), loss_state), None
+      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, batch, rng)
+      zeros = jax.tree.map(jnp.zeros_like, (loss, aux, grads))
+      (sums, loss_state), _ = jax.lax.scan(
+          micro_step, (zeros, loss_state), (_split_microbatches(batch, accum), jnp.arange(accum)))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
+    if stateful:
+      new_state["loss_state"] = loss_state
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": schedule(state["step"]), **aux}
     return new_state, step_metrics
@@ -112,7 +127,10 @@ def train(task: Task, workdir: str) -> dict:
 
   def init_boxed_state(rng):
     params = task.init_params(rng)  # optax maps over the boxes, so moments keep the names too
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if task.init_loss_state is not None:
+      state["loss_state"] = task.init_loss_state()
+    return state
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     init_rng = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)

@@ -24,6 +24,8 @@ from jax.experimental import pallas as pl
 
 # Finite, so that a row whose first visited block is entirely masked produces no NaN: what it
 # accumulates there is scaled by exp(MASK_VALUE - m) == 0 as soon as a visible key arrives.
+# References multiply fp32 in full fp32 on every backend (GPUs default to TF32).
+HIGHEST = lax.Precision.HIGHEST
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -37,14 +39,38 @@ class BlockSizes:
   block_k_dkv: int = 64
 
 
+# Triton's tl.dot needs every matmul dimension >= 16; the interpreter takes any size.
+MIN_COMPILED_BLOCK = 16
+
+
+def _div(a, b):
+  """a // b for a >= 0. Python ints stay Python ints: an op on constants alone inside a kernel
+  does not lower on Triton."""
+  return a // b if isinstance(a, int) else lax.div(a, b)
+
+
 def _cdiv(a, b):
-  return lax.div(a + b - 1, b)
+  return _div(a + b - 1, b)
+
+
+def _maximum(a, b):
+  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _where(pred, a, b):
+  """Scalar jnp.where; between two static ints it uses arithmetic, since Triton does not lower a
+  select between two constants."""
+  if isinstance(a, int) and isinstance(b, int):
+    return b + (a - b) * lax.convert_element_type(pred, jnp.int32)
+  return jnp.where(pred, a, b)
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  """2-D matmul accumulating in fp32 (the form every Pallas backend lowers)."""
+  """2-D matmul accumulating in fp32 (the form every Pallas backend lowers). HIGHEST keeps fp32
+  inputs in fp32 (Triton's default would round them to TF32); bf16 inputs are unaffected."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, precision=HIGHEST,
+                         preferred_element_type=jnp.float32)
 
 
 def _block_ranges(start_any, end_any, start_all, end_all, block):
@@ -54,16 +80,17 @@ def _block_ranges(start_any, end_any, start_all, end_all, block):
   the tokens visible to all of them: blocks [lo, hi) must be visited, [full_lo, full_hi) of those
   need no mask.
   """
-  lo = lax.div(start_any, block)
-  hi = jnp.maximum(_cdiv(end_any, block), lo)
-  full_lo = jnp.clip(_cdiv(start_all, block), lo, hi)
-  full_hi = jnp.clip(lax.div(end_all, block), full_lo, hi)
+  lo = _div(start_any, block)
+  hi = _maximum(_cdiv(end_any, block), lo)
+  full_lo = jnp.minimum(_maximum(_cdiv(start_all, block), lo), hi)
+  full_hi = jnp.clip(_div(end_all, block), full_lo, hi)
   return lo, full_lo, full_hi, hi
 
 
 def _visit_blocks(ranges, body, carry):
   """Runs body(block, carry, masked=...) over the visible blocks, masking only the partial ones."""
-  lo, full_lo, full_hi, hi = ranges
+  # Static (Python int) bounds would give a weak-typed loop index, which Triton fails to lower.
+  lo, full_lo, full_hi, hi = (lax.convert_element_type(b, jnp.int32) for b in ranges)
   carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
@@ -117,8 +144,8 @@ class _FrameMask:
     else:
       end_any = frames_end(last + self.window_frames - 1)
       end_all = frames_end(first + self.window_frames - 1)
-    end_any = jnp.where(k_start < n, end_any, 0)
-    end_all = jnp.where(k_start + block_k <= n, end_all, 0)  # padded keys need the mask
+    end_any = _where(k_start < n, end_any, 0)
+    end_all = _where(k_start + block_k <= n, end_all, 0)  # padded keys need the mask
     return _block_ranges(first * f, end_any, last * f, end_all, block_q)
 
 
@@ -246,7 +273,8 @@ def _backward(q, k, v, out, lse, do, mask, soft_cap, blocks, interpret):
   kv_heads = k.shape[2]
   group = num_heads // kv_heads
   scale = head_dim ** -0.5
-  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32),
+                     precision=HIGHEST)
 
   q_spec = pl.BlockSpec((None, blocks.block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, seq_len, None, head_dim),
@@ -343,7 +371,8 @@ def block_causal_attention(q, k, v, *, frame_size: int, window_frames: int | Non
   block_sizes = block_sizes or BlockSizes()
   _check_inputs(q, k, v, frame_size, window_frames, soft_cap, block_sizes)
   seq_len = q.shape[1]
-  fit = lambda b: min(b, pl.next_power_of_2(seq_len))
+  smallest = 1 if interpret else MIN_COMPILED_BLOCK
+  fit = lambda b: max(min(b, pl.next_power_of_2(seq_len)), smallest)
   blocks = BlockSizes(*map(fit, dataclasses.astuple(block_sizes)))
   tile = math.lcm(*dataclasses.astuple(blocks))
   padded_len = -(-seq_len // tile) * tile
@@ -370,9 +399,10 @@ def reference_block_causal_attention(q, k, v, *, frame_size: int, window_frames:
   batch, seq_len, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   k, v = (jnp.repeat(x.astype(jnp.float32), group, axis=2) for x in (k, v))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * head_dim ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k,
+                      precision=HIGHEST) * head_dim ** -0.5
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
   logits = jnp.where(block_causal_mask(seq_len, frame_size, window_frames), logits, -jnp.inf)
   weights = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v).astype(q.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=HIGHEST).astype(q.dtype)

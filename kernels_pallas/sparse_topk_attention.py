@@ -32,6 +32,8 @@ from jax.experimental.pallas import triton as plgpu
 
 # Finite: a row whose first chunk is all "no key" then accumulates only zero sink rows, which the
 # rescale exp(MASK_VALUE - m) == 0 wipes out once a real key arrives.
+# References multiply fp32 in full fp32 on every backend (GPUs default to TF32).
+HIGHEST = lax.Precision.HIGHEST
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 FP8_BLOCK = 128  # values per FP8 scale, as in DeepSeek-V3.2
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
@@ -48,14 +50,20 @@ class BlockSizes:
   block_topk: int = 64
 
 
+# Triton's tl.dot needs every matmul dimension >= 16; the interpreter takes any size.
+MIN_COMPILED_BLOCK = 16
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  """2-D matmul accumulating in fp32 (the form every Pallas backend lowers)."""
+  """2-D matmul accumulating in fp32 (the form every Pallas backend lowers). HIGHEST keeps fp32
+  inputs in fp32 (Triton's default would round them to TF32); bf16/fp8 inputs are unaffected."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, precision=HIGHEST,
+                         preferred_element_type=jnp.float32)
 
 
-def _fit(block, size):
-  return min(block, pl.next_power_of_2(size))
+def _fit(block, size, interpret):
+  return max(min(block, pl.next_power_of_2(size)), 1 if interpret else MIN_COMPILED_BLOCK)
 
 
 def _pad_axis(x, axis, multiple, value=0):
@@ -78,7 +86,9 @@ def quantize_fp8(x, block: int = FP8_BLOCK):
   amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
   scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / FP8_MAX, 1.0))))
   values = (blocks / scale).astype(jnp.float8_e4m3fn).reshape(x.shape)
-  return values, scale[..., 0]
+  # The barrier keeps XLA (GPU, which allows excess precision) from folding a later
+  # f32 -> e4m3 -> f32 round trip into no rounding at all.
+  return lax.optimization_barrier((values, scale[..., 0]))
 
 
 def dequantize_fp8(values, scales):
@@ -306,8 +316,8 @@ def lightning_indexer_scores(q_index, k_index, weights, *, precision: Precision 
   block_sizes = block_sizes or BlockSizes()
   _check_indexer_inputs(q_index, k_index, weights, precision, block_sizes)
   num_q, num_k = q_index.shape[1], k_index.shape[1]
-  blocks = dataclasses.replace(block_sizes, block_q=_fit(block_sizes.block_q, num_q),
-                               block_k=_fit(block_sizes.block_k, num_k))
+  blocks = dataclasses.replace(block_sizes, block_q=_fit(block_sizes.block_q, num_q, interpret),
+                               block_k=_fit(block_sizes.block_k, num_k, interpret))
   scores = _indexer(_pad_axis(q_index, 1, blocks.block_q), _pad_axis(k_index, 1, blocks.block_k),
                     _pad_axis(weights, 1, blocks.block_q), precision, blocks, interpret)
   return scores[:, :num_q, :num_k]
@@ -321,8 +331,10 @@ def reference_lightning_indexer_scores(q_index, k_index, weights, *,
     block = _fp8_block(q_index.shape[-1])
     straight_through = lambda x: x + lax.stop_gradient(dequantize_fp8(*quantize_fp8(x, block)) - x)
     q_index, k_index = straight_through(q_index), straight_through(k_index)
-  logits = jnp.einsum("bthd,bsd->bths", q_index.astype(jnp.float32), k_index.astype(jnp.float32))
-  scores = jnp.einsum("bth,bths->bts", weights.astype(jnp.float32), jax.nn.relu(logits))
+  logits = jnp.einsum("bthd,bsd->bths", q_index.astype(jnp.float32), k_index.astype(jnp.float32),
+                      precision=HIGHEST)
+  scores = jnp.einsum("bth,bths->bts", weights.astype(jnp.float32), jax.nn.relu(logits),
+                      precision=HIGHEST)
   causal = jnp.arange(k_index.shape[1])[None, :] <= jnp.arange(q_index.shape[1])[:, None]
   return jnp.where(causal, scores, -jnp.inf)
 
@@ -426,7 +438,8 @@ def _sparse_forward(q, k, v, indices, block_topk, interpret):
 def _sparse_backward(q, k, v, indices, out, lse, do, block_topk, interpret):
   batch, num_q = q.shape[:2]
   q_spec, o_spec, k_spec, v_spec, lse_spec, idx_spec = _sparse_specs(q, k, v, indices)
-  delta = jnp.einsum("bthd,bthd->bth", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.einsum("bthd,bthd->bth", out.astype(jnp.float32), do.astype(jnp.float32),
+                     precision=HIGHEST)
   dq, dk, dv = pl.pallas_call(
       functools.partial(_sparse_bwd_kernel, scale=q.shape[-1] ** -0.5, block_topk=block_topk),
       grid=(batch, num_q),
@@ -496,12 +509,21 @@ def sparse_topk_attention(q, k, v, indices, *, block_sizes: BlockSizes | None = 
   """
   block_sizes = block_sizes or BlockSizes()
   _check_sparse_inputs(q, k, v, indices, block_sizes)
+  num_heads, head_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
+  if not interpret:
+    # Triton tiles are powers of two >= 16: heads (the rows of every matmul) and value_dim are
+    # zero-padded here; head_dim cannot be (it sets the 1/sqrt(d) scale), so it must already be.
+    if head_dim < MIN_COMPILED_BLOCK or head_dim & (head_dim - 1):
+      raise ValueError(f"compiled sparse_topk_attention needs head_dim to be a power of two >= "
+                       f"{MIN_COMPILED_BLOCK}, got {head_dim}")
+    q = _pad_axis(q, 2, max(pl.next_power_of_2(num_heads), MIN_COMPILED_BLOCK))
+    v = _pad_axis(v, 3, max(pl.next_power_of_2(value_dim), MIN_COMPILED_BLOCK))
   num_keys = k.shape[1]
-  block_topk = _fit(block_sizes.block_topk, indices.shape[2])
+  block_topk = _fit(block_sizes.block_topk, indices.shape[2], interpret)
   indices = jnp.where(indices < 0, num_keys, indices).astype(jnp.int32)
   indices = _pad_axis(indices, 2, block_topk, value=num_keys)
   k, v = (jnp.pad(x[:, :, 0], [(0, 0), (0, 1), (0, 0)]) for x in (k, v))  # + the sink row
-  return _sparse_attention(q, k, v, indices, block_topk, interpret)
+  return _sparse_attention(q, k, v, indices, block_topk, interpret)[:, :, :num_heads, :value_dim]
 
 
 def reference_sparse_topk_attention(q, k, v, indices):
@@ -509,9 +531,10 @@ def reference_sparse_topk_attention(q, k, v, indices):
   valid = indices >= 0
   gather = jax.vmap(lambda rows, idx: rows[idx])  # over batch: [S, D], [T, K] -> [T, K, D]
   k_sel, v_sel = (gather(x[:, :, 0].astype(jnp.float32), jnp.maximum(indices, 0)) for x in (k, v))
-  logits = jnp.einsum("bthd,btkd->bthk", q.astype(jnp.float32), k_sel) * q.shape[-1] ** -0.5
+  logits = jnp.einsum("bthd,btkd->bthk", q.astype(jnp.float32), k_sel,
+                      precision=HIGHEST) * q.shape[-1] ** -0.5
   logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   weights /= jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  return jnp.einsum("bthk,btkd->bthd", weights, v_sel).astype(q.dtype)
+  return jnp.einsum("bthk,btkd->bthd", weights, v_sel, precision=HIGHEST).astype(q.dtype)

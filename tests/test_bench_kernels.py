@@ -11,7 +11,7 @@ def test_benchmark_prints_one_json_line_per_measurement(capsys):
   bench.main(["--batch=1", "--seq_len=16", "--heads=2", "--kv_heads=1", "--head_dim=16",
               "--frame_size=4", "--window_frames=2", "--top_k=4", "--indexer_heads=2",
               "--indexer_dim=16", "--frames=4", "--tokens=4", "--channels=4", "--warmup=0",
-              "--runs=1"])
+              "--runs=1", "--dtype=float32"])
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu:

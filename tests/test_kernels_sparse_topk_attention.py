@@ -56,10 +56,10 @@ def _fp8_error_bound(q, k, w):
     scale = 2 * jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 448  # one block: dim <= 128
     return 2.0 ** -4 * jnp.abs(x) + 2.0 ** -10 * scale
   e_q, e_k = error(q), error(k)
-  per_head = (jnp.einsum("bthd,bsd->bths", e_q, jnp.abs(k))
-              + jnp.einsum("bthd,bsd->bths", jnp.abs(q), e_k)
-              + jnp.einsum("bthd,bsd->bths", e_q, e_k))
-  return jnp.einsum("bth,bths->bts", jnp.abs(w), per_head)
+  einsum = functools.partial(jnp.einsum, precision="highest")
+  per_head = (einsum("bthd,bsd->bths", e_q, jnp.abs(k)) + einsum("bthd,bsd->bths", jnp.abs(q), e_k)
+              + einsum("bthd,bsd->bths", e_q, e_k))
+  return einsum("bth,bths->bts", jnp.abs(w), per_head)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -51,3 +51,33 @@ def test_mesh_fill_axis():
   with pytest.raises(config_lib.ConfigError, match="mesh.data"):
     config_lib.resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
   assert jax.device_count() == 8
+
+
+def test_loss_state_is_carried_through_steps_and_micro_batches():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxai.tasks import Task  # pylint: disable=g-import-not-at-top
+
+  def loss(params, loss_state, batch, rng):
+    del rng
+    value = jnp.mean(jnp.square(params["w"] * batch["x"]))
+    seen = loss_state["rows_seen"] + batch["x"].shape[0]
+    return value, ({"rows_seen_before": loss_state["rows_seen"]}, {"rows_seen": seen})
+
+  tx = optax.sgd(0.1)
+  batch = {"x": jnp.arange(1.0, 5.0)}
+  results = {}
+  for accum in (1, 2):
+    task = Task(name="toy", config=tiny_lm(grad_accum_steps=accum), init_params=None, loss=loss,
+                make_data=None, init_loss_state=lambda: {"rows_seen": jnp.zeros((), jnp.float32)})
+    step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1)))
+    params = {"w": jnp.ones(())}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "loss_state": task.init_loss_state()}
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    assert float(state["loss_state"]["rows_seen"]) == 12.0  # 4 rows per step, however micro-batched
+    results[accum] = float(state["params"]["w"])
+  # w <- w - 0.1 * 2 w mean(x^2) three times, whatever the micro-batching.
+  expected = (1 - 0.2 * np.mean(np.arange(1.0, 5.0) ** 2)) ** 3
+  np.testing.assert_allclose([results[1], results[2]], expected, rtol=1e-5)

@@ -46,9 +46,10 @@ def _frame_inputs(key, b, t):
   return latents, tau, step, actions, labelled
 
 
-@pytest.fixture(scope="module", name="model_and_params")
-def fixture_model_and_params():
-  model = dynamics.Dynamics(CONFIG)
+@pytest.fixture(scope="module", name="model_and_params", params=["factorised", "full"])
+def fixture_model_and_params(request):
+  """Both layouts: space/time layers, and block-causal attention over all tokens in every layer."""
+  model = dynamics.Dynamics(dataclasses.replace(CONFIG, layout=request.param))
   params = fast_jit(model.init)(jax.random.key(0), *frame_inputs(0))["params"]
   return model, nn.unbox(params)
 

@@ -166,25 +166,36 @@ def test_gradient_loss_matches_numpy():
   assert float(tokenizer_loss.gradient_loss(jnp.asarray(x[0]), jnp.asarray(x[0]) + 0.3).max()) < 1e-10
 
 
-def test_rms_normalizer_divides_by_the_stop_gradient_rms():
-  values = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
-  rms = np.sqrt(np.mean(values.astype(np.float64) ** 2))
+def test_running_rms_matches_a_debiased_ema_and_is_not_differentiated():
+  rng = np.random.default_rng(3)
+  batches = [rng.normal(size=8).astype(np.float32) * scale for scale in (1.0, 3.0, 0.1, 2.0)]
+  decay = tokenizer_loss.RMS_DECAY
+  state = tokenizer_loss.init_rms_state(["a"])
+  ema, steps = 0.0, 0
+  for values in batches:
+    ema, steps = decay * ema + (1 - decay) * np.mean(values.astype(np.float64) ** 2), steps + 1
+    rms = np.sqrt(ema / (1 - decay ** steps))  # Adam-style debiasing of a zero-started EMA
 
-  def normalized(v, scale):
-    return tokenizer_loss.rms_normalize({"a": v * scale})[0]["a"]
+    def normalized(v, state=state):
+      return tokenizer_loss.running_rms_normalize({"a": v}, state)[0]["a"]
 
-  for scale in (1e-4, 1.0, 1e3):  # the term's scale does not matter: value and gradient are invariant
-    np.testing.assert_allclose(float(normalized(values, scale)), values.mean() / rms, rtol=1e-5)
-    grad = np.asarray(jax.grad(normalized)(jnp.asarray(values), scale))
-    np.testing.assert_allclose(grad, np.full(4, 1 / (4 * rms)), rtol=1e-4)  # RMS is not differentiated
-  _, stats = tokenizer_loss.rms_normalize({"a": jnp.asarray(values)})
-  np.testing.assert_allclose(float(stats["a"]), rms, rtol=1e-6)
+    np.testing.assert_allclose(float(normalized(jnp.asarray(values))), values.mean() / rms, rtol=1e-5)
+    grad = np.asarray(jax.grad(normalized)(jnp.asarray(values)))
+    np.testing.assert_allclose(grad, np.full(8, 1 / (8 * rms)), rtol=1e-4)  # the RMS is a constant
+    _, stats, state = tokenizer_loss.running_rms_normalize({"a": jnp.asarray(values)}, state)
+    np.testing.assert_allclose(float(stats["a"]), rms, rtol=1e-5)
+  # First step: the estimate is exactly that batch's RMS, whatever the term's scale.
+  first = batches[0] * 1e-4
+  value = tokenizer_loss.running_rms_normalize({"a": jnp.asarray(first)}, tokenizer_loss.init_rms_state(["a"]))[0]["a"]
+  np.testing.assert_allclose(float(value), first.mean() / np.sqrt(np.mean(first.astype(np.float64) ** 2)), rtol=1e-4)
 
 
 def test_loss_value_is_raw_mse_plus_weighted_edge_loss(model_and_params):
   model, params = model_and_params
   frames = random_frames(9, (4, 2, *CONFIG.image_shape))
-  loss, metrics = tokenizer_loss.tokenizer_loss(model, 0.2, params, {"frames": frames}, jax.random.key(1))
+  rms_state = tokenizer_loss.init_rms_state(tokenizer_loss.term_names(0.2))
+  loss, (metrics, _) = tokenizer_loss.tokenizer_loss(model, 0.2, params, rms_state, {"frames": frames},
+                                                     jax.random.key(1))
   recon, _, _ = model.apply({"params": params}, frames, jax.random.key(1))
   recon, target = np.asarray(recon, np.float64), frames / 255.0
   mse = ((recon - target) ** 2).mean()
@@ -222,9 +233,13 @@ def test_tiny_training_lowers_the_loss_and_reports_psnr(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(stage="dynamics"), "stage"),
-    (dict(stage="all"), "stage"),
     (dict(stage="video"), "stage"),
+    (dict(stage="all"), "data.source"),  # the tiny variant's synthetic frames have no actions
+    (dict(stage="all", data=dict(source="craftax"), dynamics=dict(spatial_tokens=5)), "dynamics.spatial_tokens"),
+    (dict(stage="all", data=dict(source="craftax"), dynamics=dict(short_window_len=3)),
+     "dynamics.short_window_len"),
+    (dict(stage="all", data=dict(source="craftax"), rollout=dict(num_steps=3)), "rollout.num_steps"),
+    (dict(stage="all", data=dict(source="craftax"), rollout=dict(horizon=8)), "rollout.horizon"),
     (dict(tokenizer=dict(num_latents=64, latent_channels=16)), "tokenizer.latent_channels"),
     (dict(tokenizer=dict(patch_size=8)), "tokenizer.patch_size"),
     (dict(data=dict(source="craftax", dir="/nonexistent/craftax", generate=False)), "data.dir"),
@@ -242,11 +257,14 @@ def test_config_errors_name_the_field(tmp_path, overrides, field):
   assert not os.listdir(tmp_path)
 
 
-def test_cli_reports_unimplemented_stage_in_one_line(tmp_path):
+def test_cli_dynamics_without_a_tokenizer_is_one_config_error_line(tmp_path):
   result = run_main(["--config=configs/world_model.py:tiny", "--config.stage=dynamics",
-                     f"--workdir={tmp_path}"], devices=1)
+                     "--config.data.source=craftax", f"--workdir={tmp_path}"], devices=1)
   assert result.returncode == main.EXIT_CONFIG_ERROR
-  assert result.stderr.strip().splitlines()[-1].startswith("config error: stage: 'dynamics' is not implemented")
+  assert result.stderr.strip().splitlines() == [
+      f"config error: dynamics.tokenizer_workdir: no tokenizer checkpoint in {tmp_path}/tokenizer/"
+      "checkpoints: train --config.stage=tokenizer there first, or use --config.stage=all"]
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "default", "full"])
@@ -259,3 +277,16 @@ def test_every_variant_parses_and_traces(variant):
                           jnp.zeros((1, config.data.window_len, 63, 63, 3), jnp.uint8))
   assert shapes["params"]["to_bottleneck"]["kernel"].value.shape[-1] == config.tokenizer.latent_channels
   assert config.tokenizer.num_latents * config.tokenizer.latent_channels * 16 <= 63 * 63 * 3
+
+
+def test_running_rms_state_is_checkpointed_and_resumed(tmp_path):
+  main.run(tiny_config(total_steps=6, checkpoint_every=3), str(tmp_path / "straight"))
+  main.run(tiny_config(total_steps=6, checkpoint_every=3, max_steps_per_run=3), str(tmp_path / "resumed"))
+  main.run(tiny_config(total_steps=6, checkpoint_every=3), str(tmp_path / "resumed"))
+  rows = {}
+  for name in ("straight", "resumed"):
+    with open(tmp_path / name / "tokenizer" / "metrics.jsonl", encoding="utf-8") as f:
+      rows[name] = {r["step"]: r for r in map(json.loads, f)}
+  # Step 6 divides by the running RMS of steps 1..6: equal only if steps 1..3 came back from the checkpoint.
+  for key in ("rms/mse", "rms/perceptual", "loss"):
+    np.testing.assert_allclose(rows["resumed"][6][key], rows["straight"][6][key], rtol=1e-6)

@@ -188,3 +188,42 @@ def slot_view(view: SymbolicView, slot: int) -> SymbolicView:
   """The single-env view of one slot (arrays without the env axis)."""
   return SymbolicView(**{f.name: getattr(view, f.name)[slot] for f in dataclasses.fields(view)})
 
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps_max",))
+def _replay_and_branch(world_seed, actions, num_steps, num_steps_max: int):
+  del num_steps_max  # only fixes the padded length of ``actions`` in the compiled program
+  env = _shared_env()
+  reset_key, steps_key = episode_keys(world_seed)
+  _, state = env.reset_env(reset_key, env.default_params)
+  state = _strong(state)
+
+  def replay(t, state):
+    _, state, _, _, _ = env.step_env(jax.random.fold_in(steps_key, t), state, actions[t], env.default_params)
+    return _strong(state)
+
+  state = jax.lax.fori_loop(0, num_steps, replay, state)
+
+  def branch(action):
+    _, next_state, _, _, _ = env.step_env(jax.random.fold_in(steps_key, num_steps), state, action,
+                                          env.default_params)
+    return frame_from_obs(env.get_obs(next_state))
+
+  return frame_from_obs(env.get_obs(state)), jax.vmap(branch)(jnp.arange(NUM_ACTIONS))
+
+
+def next_frame_of_every_action(world_seed: int, actions: np.ndarray, step: int,
+                               max_len: int = MAX_EPISODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+  """Replays ``actions[:step]`` on world ``world_seed``; returns (frame at ``step`` [63, 63, 3], the
+  frames each of the 17 actions leads to from there [17, 63, 63, 3]), all uint8.
+
+  The next step uses the episode's own key for that step, so the branch of the recorded action is
+  the recorded next frame, and the others are what the real game would have shown instead.
+  """
+  if not 0 <= step < max_len or step > len(actions):
+    raise ValueError(f"step {step} outside the replayable range [0, {min(len(actions), max_len - 1)}]")
+  padded = np.zeros(max_len, np.int32)
+  padded[:step] = actions[:step]
+  frame, branches = _replay_and_branch(jnp.int32(world_seed), jnp.asarray(padded), jnp.int32(step),
+                                       num_steps_max=max_len)
+  return np.asarray(frame), np.asarray(branches)

@@ -29,10 +29,15 @@ class Task:
     name: stage name; multi-stage tasks train each stage in ``workdir/<name>``.
     config: the trainer fields for this stage (see ``config_lib.trainer_config``).
     init_params: rng -> params boxed with logical axis names (``nn.with_logical_partitioning``).
-    loss: (params, batch, rng) -> (scalar loss, dict of scalar metrics); pure and jittable.
+    loss: (params, batch, rng) -> (scalar loss, dict of scalar metrics); pure and jittable. With
+      ``init_loss_state`` set it is (params, loss_state, batch, rng) -> (loss, (metrics, new
+      loss_state)) instead.
     make_data: (process_index, process_count) -> grain IterDataset of this process's batch rows.
     evaluate: optional (params, step) -> dict of metrics (host-side; may jit internally).
     subdir: workdir subfolder of this stage ("" trains in the workdir itself).
+    init_loss_state: optional () -> pytree of fp32 arrays that the loss carries from step to step
+      without gradients (running statistics such as the running RMS of loss terms); the trainer
+      keeps it replicated in the state and checkpoints it.
   """
   name: str
   config: ml_collections.ConfigDict
@@ -41,6 +46,7 @@ class Task:
   make_data: Callable[[int, int], Any]
   evaluate: Callable[[Params, int], dict] | None = None
   subdir: str = ""
+  init_loss_state: Callable[[], Any] | None = None
 
 
 def task_module(config: ml_collections.ConfigDict):

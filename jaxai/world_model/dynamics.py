@@ -23,11 +23,15 @@ a new frame attends to T cached keys per slot, not F T. Information moves betwee
 the space layers, which is what the paper's ablation trades (FVD 71 -> 91) for its fastest model.
 Together the layers are block-causal in time: nothing of frame t + 1 reaches frames <= t.
 
+Layout ``full`` (for the speed comparison of the issue, and as the paper's slower baseline): every
+layer attends block-causally over the flattened sequence of all T * F tokens instead.
+
 Single images. A per-sequence flag ``single_image`` restricts its time layers to the frame itself,
 so each frame is denoised with no context (the paper trains 30% of sequences so).
 
 KV cache. Only time layers need one (space layers see the current frame only): ``init_cache``
-makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequences, and
+makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequences (layout
+``full``: one per layer over ``B`` sequences of ``T * F`` tokens), and
 ``Dynamics(...)(..., cache=cache)`` treats its frames as the next ones after those cached,
 returning ``(prediction, updated cache)``.
 
@@ -59,6 +63,8 @@ class DynamicsConfig:
   num_actions: int = NUM_CRAFTAX_ACTIONS
   k_max: int = 64
   time_every: int = 4
+  layout: str = "factorised"  # factorised (space layers + a time layer every time_every) | full
+  shortcut: bool = True  # False: trained at d = d_min only (plain diffusion forcing)
   token_init_scale: float = 0.02
 
   def __post_init__(self):
@@ -67,6 +73,8 @@ class DynamicsConfig:
     if (self.num_latents * self.latent_channels) % self.spatial_tokens:
       raise ValueError(f"{self.num_latents} x {self.latent_channels} latent values do not split into "
                        f"{self.spatial_tokens} spatial tokens")
+    if self.layout not in ("factorised", "full"):
+      raise ValueError(f"layout must be 'factorised' or 'full', got {self.layout!r}")
     if not 1 <= self.time_every <= self.num_layers:
       raise ValueError(f"time_every={self.time_every} must be in [1, num_layers={self.num_layers}]: "
                        "otherwise no layer attends over time")
@@ -92,8 +100,15 @@ class DynamicsConfig:
     return layer % self.time_every == self.time_every - 1
 
   @property
-  def num_time_layers(self) -> int:
+  def num_cached_layers(self) -> int:
+    """Layers that attend over time and so keep a KV cache in rollouts."""
+    if self.layout == "full":
+      return self.num_layers
     return sum(self.is_time_layer(i) for i in range(self.num_layers))
+
+  def model_step_size(self, step):
+    """The step size the network is conditioned on: a model trained without shortcuts only knows d_min."""
+    return step if self.shortcut else jnp.full_like(jnp.asarray(step, jnp.float32), self.d_min)
 
 
 def signal_index(tau: jax.Array, k_max: int) -> jax.Array:
@@ -118,17 +133,26 @@ def actions_into_frames(actions: jax.Array, is_first: jax.Array) -> tuple[jax.Ar
 
 
 def init_cache(config: DynamicsConfig, batch: int, max_frames: int) -> list[dict]:
-  """One empty KV cache per time layer, over the ``batch * tokens_per_frame`` slot sequences."""
+  """One empty KV cache per layer that attends over time (``num_cached_layers``)."""
   b = config.block
-  return [attention.init_kv_cache(batch * config.tokens_per_frame, max_frames, b.num_kv_heads,
-                                  b.head_dim, b.dtype) for _ in range(config.num_time_layers)]
+  if config.layout == "full":
+    sequences, length = batch, max_frames * config.tokens_per_frame
+  else:
+    sequences, length = batch * config.tokens_per_frame, max_frames
+  return [attention.init_kv_cache(sequences, length, b.num_kv_heads, b.head_dim, b.dtype)
+          for _ in range(config.num_cached_layers)]
 
 
-def _single_image_mask(single_image, slots, q_len, kv_len, q_offset):
-  """[B * slots, 1, 1, q_len, kv_len] for the time layers: flagged sequences see only their own frame."""
-  own_frame = (q_offset + jnp.arange(q_len))[:, None] == jnp.arange(kv_len)[None, :]
+def _single_image_mask(single_image, frame_size, repeat, q_len, kv_len, q_offset):
+  """[B * repeat, 1, 1, q_len, kv_len]: flagged sequences see only their own frame.
+
+  Time layers: one token per frame (``frame_size=1``), ``repeat`` = F slot sequences per sequence;
+  layout ``full``: ``frame_size=F`` tokens per frame, ``repeat=1``.
+  """
+  q_frame = (q_offset + jnp.arange(q_len)) // frame_size
+  own_frame = q_frame[:, None] == (jnp.arange(kv_len) // frame_size)[None, :]
   mask = own_frame | ~single_image[:, None, None]  # [B, q_len, kv_len]
-  return jnp.repeat(mask, slots, axis=0)[:, None, None]
+  return jnp.repeat(mask, repeat, axis=0)[:, None, None]
 
 
 class Dynamics(nn.Module):
@@ -154,8 +178,12 @@ class Dynamics(nn.Module):
     self.action_embed = self.param("action_embed", small((None, "embed")), (c.num_actions, width),
                                    jnp.float32)
     self.action_base = self.param("action_base", small(("embed",)), (width,), jnp.float32)
-    self.blocks = [transformer.TransformerBlock(c.block, frame_size=1 if c.is_time_layer(i) else None)
-                   for i in range(c.num_layers)]
+    if c.layout == "full":
+      self.blocks = [transformer.TransformerBlock(c.block, frame_size=c.tokens_per_frame)
+                     for _ in range(c.num_layers)]
+    else:
+      self.blocks = [transformer.TransformerBlock(c.block, frame_size=1 if c.is_time_layer(i) else None)
+                     for i in range(c.num_layers)]
     self.out_norm = layers.RMSNorm(dtype=jnp.float32)
     self.latent_out = layers.Dense(c.values_per_token, ("embed", None), dtype=jnp.float32)
 
@@ -173,26 +201,49 @@ class Dynamics(nn.Module):
   def __call__(self, latents, tau, step, actions, action_mask=None, single_image=None, cache=None):
     c = self.config
     b, t = latents.shape[:2]
-    f, width = c.tokens_per_frame, c.block.width
     if action_mask is None:
       action_mask = jnp.ones((b, t), bool)
     x = self.embed_frames(latents, tau, step, actions, action_mask)
+    if c.layout == "full":
+      x, new_cache = self._full(x, single_image, cache)
+    else:
+      x, new_cache = self._factorised(x, single_image, cache)
+    out = self.latent_out(self.out_norm(x[:, :, :c.spatial_tokens]))
+    out = out.reshape(b, t, c.num_latents, c.latent_channels)
+    return out if cache is None else (out, new_cache)
+
+  def _apply_cached(self, block, h, positions, mask, cache, new_cache):
+    if cache is None:
+      return block(h, positions, mask)
+    h, layer_cache = block(h, positions, mask, cache=cache[len(new_cache)])
+    new_cache.append(layer_cache)
+    return h
+
+  def _factorised(self, x, single_image, cache):
+    c = self.config
+    b, t, f, width = x.shape
     time_offset = 0 if cache is None else cache[0]["index"]
     kv_len = t if cache is None else cache[0]["key"].shape[1]
     time_positions = (time_offset + jnp.arange(t))[None]
-    time_mask = None if single_image is None else _single_image_mask(single_image, f, t, kv_len, time_offset)
+    time_mask = None if single_image is None else _single_image_mask(single_image, 1, f, t, kv_len, time_offset)
     new_cache = []
     for i, block in enumerate(self.blocks):
       if c.is_time_layer(i):  # [B * F slot sequences, T frames]
         h = x.swapaxes(1, 2).reshape(b * f, t, width)
-        if cache is None:
-          h = block(h, time_positions, time_mask)
-        else:
-          h, layer_cache = block(h, time_positions, time_mask, cache=cache[len(new_cache)])
-          new_cache.append(layer_cache)
+        h = self._apply_cached(block, h, time_positions, time_mask, cache, new_cache)
         x = h.reshape(b, f, t, width).swapaxes(1, 2)
       else:  # [B * T frames, F tokens]
         x = block(x.reshape(b * t, f, width), jnp.arange(f)[None]).reshape(b, t, f, width)
-    out = self.latent_out(self.out_norm(x[:, :, :c.spatial_tokens]))
-    out = out.reshape(b, t, c.num_latents, c.latent_channels)
-    return out if cache is None else (out, new_cache)
+    return x, new_cache
+
+  def _full(self, x, single_image, cache):
+    """Every layer block-causal over all T * F tokens; RoPE position = frame * F + slot."""
+    b, t, f, width = x.shape
+    token_offset = 0 if cache is None else cache[0]["index"]
+    kv_len = t * f if cache is None else cache[0]["key"].shape[1]
+    positions = (token_offset + jnp.arange(t * f))[None]
+    mask = None if single_image is None else _single_image_mask(single_image, f, 1, t * f, kv_len, token_offset)
+    h, new_cache = x.reshape(b, t * f, width), []
+    for block in self.blocks:
+      h = self._apply_cached(block, h, positions, mask, cache, new_cache)
+    return h.reshape(b, t, f, width), new_cache

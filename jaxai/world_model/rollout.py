@@ -2,7 +2,8 @@
 
 Each new frame starts from Gaussian noise at tau = 0 and takes K = ``num_steps`` shortcut steps
 of size d = 1/K (x-prediction, so an Euler step is z += (f(z, tau, d) - z) / (1 - tau) * d and the
-last one lands exactly on the prediction). The finished frame then joins the context, noised to
+last one lands exactly on the prediction). A model trained without shortcuts (``config.shortcut``
+False) is conditioned on d_min whatever the step it takes: it knows no other step size. The finished frame then joins the context, noised to
 the signal level ``context_signal`` (the paper's "slightly noised context", 0.9 = 10% noise) with
 its own noise draw, at step size d_min (the context signal level is on the 1/K_max grid only,
 see ``context_signal_level``).
@@ -90,8 +91,8 @@ def generate_frame(model, params, cache, action, action_mask, rng, *, num_steps:
   context_level = context_signal_level(context_signal, c.k_max)
   b = action.shape[0]
   apply = lambda z, tau, step: model.apply(
-      {"params": params}, z, _full(b, 1, tau), _full(b, 1, step), action[:, None], action_mask[:, None],
-      cache=cache)
+      {"params": params}, z, _full(b, 1, tau), _full(b, 1, c.model_step_size(step)), action[:, None],
+      action_mask[:, None], cache=cache)
   predict_frame = lambda z, tau, step: apply(z, tau, step)[0]  # the updated cache is dropped
   frame, as_context = _denoise_and_renoise(predict_frame, rng, (b, 1, c.num_latents, c.latent_channels),
                                            num_steps=num_steps, context_level=context_level)
@@ -146,7 +147,7 @@ def _uncached_frame(model, params, context, actions, action_mask, rng, *, num_st
   def predict_frame(z, tau, step):
     latents = jnp.concatenate([context, z], axis=1)
     taus = jnp.concatenate([_full(b, num_context, context_level), _full(b, 1, tau)], axis=1)
-    steps = jnp.concatenate([_full(b, num_context, c.d_min), _full(b, 1, step)], axis=1)
+    steps = jnp.concatenate([_full(b, num_context, c.d_min), _full(b, 1, c.model_step_size(step))], axis=1)
     return model.apply({"params": params}, latents, taus, steps, actions, action_mask)[:, -1:]
 
   return _denoise_and_renoise(predict_frame, rng, (b, 1, c.num_latents, c.latent_channels),

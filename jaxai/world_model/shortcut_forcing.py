@@ -33,6 +33,12 @@ def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> t
   return tau.astype(jnp.float32), (1.0 / num_steps).astype(jnp.float32)
 
 
+def sample_tau_at_d_min(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> tuple[jax.Array, jax.Array]:
+  """Plain diffusion forcing (the ablation without shortcuts): tau = U{0, ..., K_max - 1} / K_max, d = d_min."""
+  tau = jax.random.randint(rng, shape, 0, k_max) / k_max
+  return tau.astype(jnp.float32), jnp.full(shape, 1.0 / k_max, jnp.float32)
+
+
 def is_x_space(step: jax.Array, k_max: int) -> jax.Array:
   """Frames trained with the x-space loss: d == d_min (with the kernel's tolerance for 1/K rounding)."""
   return step <= (1.0 + 1e-6) / k_max
@@ -50,7 +56,7 @@ def sample_single_image(rng: jax.Array, batch: int, fraction: float) -> jax.Arra
 
 
 def shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask, *, k_max: int,
-                          impl: str = "xla"):
+                          impl: str = "xla", shortcut: bool = True):
   """Per-frame shortcut-forcing loss [B, T] and the prediction f(z_tau, tau, d) [B, T, N, C].
 
   Args:
@@ -61,19 +67,24 @@ def shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask, *, k_m
     frame_mask: [B, T] weight of each frame (0 for padding).
     k_max: d_min = 1 / k_max selects the x-space loss.
     impl: "pallas" uses the fused kernel (interpreted on CPU), "xla" its jnp reference.
+    shortcut: False when every frame has d = d_min (plain diffusion forcing): the two bootstrap
+      passes are skipped, the loss is the same.
   """
   d_min = 1.0 / k_max
   z_clean = z_clean.astype(jnp.float32)
   z_noisy = corrupt(z_clean, noise.astype(jnp.float32), tau)
-  bootstrap = ~is_x_space(step, k_max)
-  half = jnp.where(bootstrap, step / 2, step)
-  sg_predict = lambda *args: jax.lax.stop_gradient(predict(*args).astype(jnp.float32))
-  pred_half1 = sg_predict(z_noisy, tau, half)
-  # Only the network input z' is formed here; the kernel recomputes b1 and b2 from pred_half1/2.
-  b1 = (pred_half1 - z_noisy) / (1.0 - tau)[..., None, None]
-  z_mid = jnp.where(bootstrap[..., None, None], z_noisy + b1 * half[..., None, None], z_noisy)
-  pred_half2 = sg_predict(z_mid, jnp.where(bootstrap, tau + half, tau), half)
   pred = predict(z_noisy, tau, step).astype(jnp.float32)
+  if shortcut:
+    bootstrap = ~is_x_space(step, k_max)
+    half = jnp.where(bootstrap, step / 2, step)
+    sg_predict = lambda *args: jax.lax.stop_gradient(predict(*args).astype(jnp.float32))
+    pred_half1 = sg_predict(z_noisy, tau, half)
+    # Only the network input z' is formed here; the kernel recomputes b1 and b2 from pred_half1/2.
+    b1 = (pred_half1 - z_noisy) / (1.0 - tau)[..., None, None]
+    z_mid = jnp.where(bootstrap[..., None, None], z_noisy + b1 * half[..., None, None], z_noisy)
+    pred_half2 = sg_predict(z_mid, jnp.where(bootstrap, tau + half, tau), half)
+  else:  # every frame is at d_min, so the loss reads neither half step: skip both passes
+    pred_half1 = pred_half2 = jax.lax.stop_gradient(pred)
   args = (pred, z_clean, z_noisy, pred_half1, pred_half2, tau, step, frame_mask.astype(jnp.float32))
   if impl == "pallas":
     loss = kernel.shortcut_forcing_loss(*args, d_min=d_min, interpret=jax.default_backend() == "cpu")
@@ -90,8 +101,9 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   batch: ``latents`` [B, T, N, C] (frozen tokenizer output), ``actions`` [B, T] int (the action
   that led into each frame, see ``dynamics.actions_into_frames``), optional ``action_mask`` [B, T]
   bool (False: unlabelled) and ``frame_mask`` [B, T] (0: padding). ``single_image_fraction`` of
-  the sequences (drawn from ``rng``) are trained without time context. K_max and the loss
-  implementation come from ``model.config`` (the loss kernel follows ``block.impl``).
+  the sequences (drawn from ``rng``) are trained without time context. K_max, shortcut or plain
+  diffusion forcing (``shortcut``) and the loss implementation come from ``model.config`` (the
+  loss kernel follows ``block.impl``).
   """
   c = model.config
   z_clean = batch["latents"].astype(jnp.float32)
@@ -99,7 +111,10 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   action_mask = batch.get("action_mask", jnp.ones((b, t), bool))
   frame_mask = batch.get("frame_mask", jnp.ones((b, t), jnp.float32)).astype(jnp.float32)
   tau_rng, noise_rng, image_rng = jax.random.split(rng, 3)
-  tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max)
+  if c.shortcut:
+    tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max)
+  else:
+    tau, step = sample_tau_at_d_min(tau_rng, (b, t), c.k_max)
   noise = jax.random.normal(noise_rng, z_clean.shape, jnp.float32)
   single_image = (sample_single_image(image_rng, b, single_image_fraction)
                   if single_image_fraction > 0 else None)
@@ -108,7 +123,7 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
     return model.apply({"params": params}, z_noisy, tau, step, batch["actions"], action_mask, single_image)
 
   frame_loss, pred = shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask,
-                                           k_max=c.k_max, impl=c.block.impl)
+                                           k_max=c.k_max, impl=c.block.impl, shortcut=c.shortcut)
   masked_mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
   x_space = is_x_space(step, c.k_max) * frame_mask
   loss = masked_mean(frame_loss, frame_mask)

@@ -1,6 +1,7 @@
-"""The world-model task: stage ``tokenizer`` trains the causal tokenizer on recorded Craftax frames.
+"""The world-model task: stage ``tokenizer`` trains the causal tokenizer on recorded Craftax frames,
+stage ``dynamics`` the dynamics model on its frozen latents (``dynamics_stage``), ``all`` both in turn.
 
-Stages ``dynamics`` and ``all`` (tokenizer then dynamics) come with issue 5. The tokenizer stage
+The tokenizer stage
 trains in ``workdir/tokenizer`` (checkpoints, ``metrics.jsonl``) and, at every evaluation, logs the
 held-out reconstruction PSNR (``eval/psnr``, mean over frames of the per-frame PSNR, reconstructions
 clipped to [0, 1]) with the bottleneck size, and writes ``recon_step_<N>.png``: held-out frames
@@ -19,10 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxai import config_lib
+from jaxai import checkpointing, config_lib
 from jaxai.data import pipeline
 from jaxai.nn import attention, transformer
 from jaxai.tasks import Task
+from jaxai.world_model import dynamics_stage
 from jaxai.world_model import tokenizer as tokenizer_lib
 from jaxai.world_model import tokenizer_loss
 
@@ -35,8 +37,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.stage not in STAGES:
     raise config_lib.ConfigError("stage", f"must be one of {', '.join(STAGES)}, got {config.stage!r}")
   if config.stage != "tokenizer":
-    raise config_lib.ConfigError("stage", f"{config.stage!r} is not implemented yet (issue 5: the "
-                                 "dynamics model); only stage=tokenizer trains for now")
+    dynamics_stage.validate(config)
   t = config.tokenizer
   config_lib.validate_attention_heads("tokenizer", t)
   if t.patch_size <= 0 or FRAME_SHAPE[0] % t.patch_size or FRAME_SHAPE[1] % t.patch_size:
@@ -73,15 +74,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError("data.source", f"must be craftax or synthetic, got {d.source!r}")
 
 
+def block_config(config: ml_collections.ConfigDict, section) -> transformer.BlockConfig:
+  """The transformer block of a model section (``config.tokenizer`` or ``config.dynamics``)."""
+  impl = attention.default_attention_impl() if config.attention_impl == "auto" else config.attention_impl
+  return transformer.BlockConfig(
+      width=section.width, num_heads=section.num_heads, num_kv_heads=section.num_kv_heads,
+      head_dim=section.head_dim, mlp_hidden=section.mlp_hidden, qk_norm=section.qk_norm,
+      attn_soft_cap=section.attn_soft_cap or None, impl=impl, dtype=jnp.dtype(config.compute_dtype))
+
+
 def make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   t = config.tokenizer
-  impl = attention.default_attention_impl() if config.attention_impl == "auto" else config.attention_impl
-  block = transformer.BlockConfig(
-      width=t.width, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
-      mlp_hidden=t.mlp_hidden, qk_norm=t.qk_norm, attn_soft_cap=t.attn_soft_cap or None, impl=impl,
-      dtype=jnp.dtype(config.compute_dtype))
   return tokenizer_lib.Tokenizer(tokenizer_lib.TokenizerConfig(
-      block=block, encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
+      block=block_config(config, t), encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
       num_latents=t.num_latents, latent_channels=t.latent_channels, image_shape=FRAME_SHAPE,
       patch_size=t.patch_size, max_mask_prob=t.max_mask_prob))
 
@@ -212,12 +217,25 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
         train_windows.map(lambda w: {"frames": np.asarray(w["frames"])}), config.batch_size,
         seed=config.seed, process_index=process_index, process_count=process_count)
 
-  loss = functools.partial(tokenizer_loss.tokenizer_loss, model, config.tokenizer.perceptual_weight)
+  weight = config.tokenizer.perceptual_weight
+  loss = functools.partial(tokenizer_loss.tokenizer_loss, model, weight)
   return Task(name="tokenizer", config=config, init_params=init_params, loss=loss, make_data=make_data,
-              evaluate=make_evaluate(config, model, workdir), subdir="tokenizer")
+              evaluate=make_evaluate(config, model, workdir), subdir="tokenizer",
+              init_loss_state=lambda: tokenizer_loss.init_rms_state(tokenizer_loss.term_names(weight)))
 
 
 def build_stages(config: ml_collections.ConfigDict, workdir: str) -> list[Task]:
   validate(config)
+  if config.stage == "dynamics":  # the frozen tokenizer must exist before anything else happens
+    checkpoints = dynamics_stage.tokenizer_checkpoints(config, workdir)
+    if not checkpointing.Checkpointer.exists(checkpoints):
+      raise config_lib.ConfigError("dynamics.tokenizer_workdir", f"no tokenizer checkpoint in "
+                                   f"{checkpoints}: train --config.stage=tokenizer there first, or use "
+                                   "--config.stage=all")
   _ensure_dataset(config)
-  return [tokenizer_stage(config, workdir)]
+  stages = []
+  if config.stage in ("tokenizer", "all"):
+    stages.append(tokenizer_stage(config, workdir))
+  if config.stage in ("dynamics", "all"):
+    stages.append(dynamics_stage.dynamics_stage(config, workdir))
+  return stages

@@ -6,17 +6,13 @@ vertical finite differences of the image (``gradient_loss``). It penalises blurr
 edges more than plain MSE does - the blur LPIPS is there to prevent - needs no weights, and costs a
 few slices instead of a network (XLA convolutions are slow on the CPUs this runs on).
 
-RMS normalisation ("loss normalization" in the paper). Each term is divided by an estimate of its
-root-mean-square, so every term contributes a gradient of similar size whatever its scale, and the
-balance does not drift as the reconstructions improve. The paper keeps a *running* estimate; here
-the estimate is the RMS of the term's per-image values **over the current batch**, under
-stop-gradient (``rms_normalize``). Why: the trainer's state is ``{'step', 'params', 'opt_state'}``
-and the step is a pure ``(state, batch) -> (state, metrics)``; a running average would need extra
-non-trainable state that the trainer does not carry (and could not update through ``optax``). The
-batch estimate needs no state, is identical under any mesh (the mean is over the global batch) and
-is noisy only by the spread of one batch of images (64 frames by default). A trainer change that
-would allow a true running estimate is proposed in the report of issue 4 (an optional ``'extra'``
-entry in the state that the task's loss returns updated).
+RMS normalisation ("loss normalization" in the paper). Each term is divided by a running estimate
+of its root-mean-square, so every term contributes a gradient of similar size whatever its scale,
+and the balance does not drift as the reconstructions improve. The estimate is an exponential
+moving average (``RMS_DECAY``) of the mean square of the term's per-image values, debiased like
+Adam's moments so the first steps are not divided by a near-zero estimate; it is part of the
+trainer state (``Task.init_loss_state``), updated under stop-gradient, checkpointed and resumed,
+and identical under any mesh (the batch mean is over the global batch).
 
 The loss value handed to the trainer (logged as ``loss``) is the raw ``mse + weight * perceptual``
 so that it is comparable across steps and runs, while its *gradient* is that of the normalised sum
@@ -49,39 +45,60 @@ def gradient_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
   return 0.5 * (per_image_mse(pred_dy, target_dy) + per_image_mse(pred_dx, target_dx))
 
 
-def rms_normalize(terms: dict[str, jax.Array], eps: float = 1e-8) -> tuple[dict, dict]:
-  """Divides each term's batch mean by the stop-gradient RMS of its per-example values.
+RMS_DECAY = 0.99  # ~100 steps of memory: smooth, yet follows the terms as they fall during training
+
+
+def init_rms_state(names) -> dict:
+  """Running-RMS state of each named term: an EMA of its mean square and the EMA's debias factor."""
+  zero = jnp.zeros((), jnp.float32)
+  return {name: {"mean_square": zero, "debias": zero} for name in names}
+
+
+def running_rms_normalize(terms: dict[str, jax.Array], state: dict, *, decay: float = RMS_DECAY,
+                          eps: float = 1e-8) -> tuple[dict, dict, dict]:
+  """Divides each term's batch mean by the running RMS of its per-example values.
 
   Args:
     terms: name -> per-example values (any shape; all entries count as examples).
+    state: ``init_rms_state(terms)`` or the state this function returned on the previous step.
   Returns:
-    (name -> normalised scalar, name -> the RMS it was divided by).
+    (name -> normalised scalar, name -> the RMS it was divided by, the updated state). The
+    running estimate includes the current batch, so the very first step divides by that batch's RMS.
   """
-  normalized, rms = {}, {}
+  normalized, rms, new_state = {}, {}, {}
   for name, values in terms.items():
     values = values.astype(jnp.float32)
-    rms[name] = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(values))))
+    batch_mean_square = jax.lax.stop_gradient(jnp.mean(jnp.square(values)))
+    entry = state[name]
+    mean_square = decay * entry["mean_square"] + (1.0 - decay) * batch_mean_square
+    debias = decay * entry["debias"] + (1.0 - decay)  # = 1 - decay^steps
+    new_state[name] = {"mean_square": mean_square, "debias": debias}
+    rms[name] = jnp.sqrt(mean_square / debias)
     normalized[name] = jnp.mean(values) / jnp.maximum(rms[name], eps)
-  return normalized, rms
+  return normalized, rms, new_state
 
 
-def tokenizer_loss(model, perceptual_weight: float, params, batch, rng):
-  """(loss, metrics) of one batch {'frames': uint8 [B, T, H, W, C]}; see the module docstring."""
+def term_names(perceptual_weight: float) -> tuple[str, ...]:
+  return ("mse", "perceptual") if perceptual_weight else ("mse",)
+
+
+def tokenizer_loss(model, perceptual_weight: float, params, rms_state, batch, rng):
+  """(loss, (metrics, rms_state)) of one batch {'frames': uint8 [B, T, H, W, C]}; see the module
+  docstring. ``rms_state``: ``init_rms_state(term_names(perceptual_weight))`` or its last update."""
   frames = batch["frames"]
   target = frames.astype(jnp.float32) / 255.0
   recon, _, dropped = model.apply({"params": params}, frames, rng)
   edge_error = gradient_loss(recon, target)
-  terms = {"mse": per_image_mse(recon, target)}
-  if perceptual_weight:
-    terms["perceptual"] = edge_error
+  terms = {"mse": per_image_mse(recon, target), "perceptual": edge_error}
+  terms = {k: terms[k] for k in term_names(perceptual_weight)}
   weights = {"mse": 1.0, "perceptual": perceptual_weight}
-  normalized, rms = rms_normalize(terms)
+  normalized, rms, rms_state = running_rms_normalize(terms, rms_state)
   objective = sum(weights[k] * normalized[k] for k in terms)
   raw = sum(weights[k] * jnp.mean(terms[k]) for k in terms)
   loss = objective + jax.lax.stop_gradient(raw - objective)  # value: raw; gradient: normalised
-  metrics = {"mse": jnp.mean(terms["mse"]),
+  metrics = {"mse": jnp.mean(per_image_mse(recon, target)),
              "psnr": jnp.mean(psnr(jnp.clip(recon, 0.0, 1.0), target)),
              "perceptual": jnp.mean(edge_error),
              "drop_fraction": jnp.mean(dropped.astype(jnp.float32)),
              **{f"rms/{k}": v for k, v in rms.items()}}
-  return loss, metrics
+  return loss, (metrics, rms_state)

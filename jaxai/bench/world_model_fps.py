@@ -1,0 +1,179 @@
+"""Times the world model: interactive frames per second, KV cache vs recompute, factorised vs full.
+
+  python -m jaxai.bench.world_model_fps --config=configs/world_model.py [--workdir=DIR]
+      [--frames=64] [--context=32] [--rollout_frames=8] [--runs=3]
+
+With ``--workdir`` the trained tokenizer and dynamics model of that run are timed; without, random
+parameters of the config's sizes (speed does not depend on the weights), and every line says which.
+Prints one JSON line per measurement, each with the backend, device and the config sizes:
+
+* ``interactive_fps``: ``ImaginedWorld.step`` (K = rollout.num_steps denoising passes, the cache
+  write and the decode to uint8 pixels, one jitted call) after ``--context`` random real frames;
+  median over ``--frames`` steps after warm-up. The cache holds context + every step taken, so
+  the sliding window never triggers during the timing.
+* ``kv_cache``: ``rollout.rollout`` (KV-cached) against ``rollout.rollout_uncached`` (the whole
+  context recomputed at every pass) generating the same ``--rollout_frames`` latent frames (no
+  decode) after ``--context`` frames; median over ``--runs`` calls after one warm-up call each.
+* ``train_step_layout``: a jitted value_and_grad of ``shortcut_forcing.dynamics_loss`` on one random
+  batch [dynamics_train.batch_size, dynamics.window_len], for dynamics.layout factorised and full
+  (random parameters for both); median over ``--runs`` steps after one warm-up step each.
+
+Ratios are of timings taken in the same run.
+"""
+import json
+import logging
+import statistics
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxai import checkpointing
+from jaxai.world_model import dynamics as dynamics_lib
+from jaxai.world_model import dynamics_stage, realtime, rollout, shortcut_forcing
+
+def define_flags():
+  """Defined only when run as a program: jaxai.main, imported beside this module, has --config too."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/world_model.py.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "A trained world-model run; default: random parameters.")
+  flags.DEFINE_integer("frames", 64, "Interactive steps timed for interactive_fps.")
+  flags.DEFINE_integer("context", 32, "Real context frames before imagining.")
+  flags.DEFINE_integer("rollout_frames", 8, "Frames generated in the kv_cache comparison.")
+  flags.DEFINE_integer("runs", 3, "Timed calls of the kv_cache and train_step_layout measurements.")
+  flags.DEFINE_integer("warmup", 3, "Untimed interactive steps (compilation) before timing.")
+
+
+def _median_ms(fn, runs: int) -> float:
+  """Median wall time of ``fn()`` (which must block until its result is ready) over ``runs`` calls."""
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def _round(x: float) -> float:
+  return float(f"{x:.4g}")
+
+
+def interactive_fps(world, *, context: int, frames: int, warmup: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  h, w, c = world.tokenizer.config.image_shape
+  world.start(rng.integers(0, 256, (context, h, w, c), np.uint8),
+              rng.integers(0, dynamics_lib.NUM_CRAFTAX_ACTIONS, context), seed=seed)
+  actions = rng.integers(0, dynamics_lib.NUM_CRAFTAX_ACTIONS, warmup + frames)
+  for action in actions[:warmup]:  # compiles the step
+    world.step(int(action))
+  times = []
+  for action in actions[warmup:]:
+    start = time.perf_counter()
+    world.step(int(action))  # returns host pixels: the frame is ready
+    times.append(time.perf_counter() - start)
+  ms = statistics.median(times) * 1e3
+  return {"fps": _round(1e3 / ms), "ms_per_frame": _round(ms), "statistic": f"median over {frames} steps",
+          "mean_ms_per_frame": _round(statistics.mean(times) * 1e3), "decode_included": True,
+          "cache_frames": world.max_context_frames, "sliding_window": "not triggered (cache holds "
+          "context + all steps)"}
+
+
+def kv_cache_speedup(dynamics, dynamics_params, *, context: int, frames: int, num_steps: int,
+                     context_signal: float, runs: int) -> dict:
+  c = dynamics.config
+  latents_rng, actions_rng, rng = jax.random.split(jax.random.key(1), 3)
+  latents = jax.random.normal(latents_rng, (1, context, c.num_latents, c.latent_channels))
+  actions = jax.random.randint(actions_rng, (1, context + frames), 0, c.num_actions)
+  options = dict(num_steps=num_steps, context_signal=context_signal)
+  timed = {}
+  for name, fn in (("cached", rollout.rollout), ("uncached", rollout.rollout_uncached)):
+    call = lambda fn=fn: jax.block_until_ready(
+        fn(dynamics, dynamics_params, latents, actions, rng, **options))
+    call()  # compiles (the uncached path: one program per context length)
+    timed[name] = _median_ms(call, runs)
+  return {"cached_ms": _round(timed["cached"]), "uncached_ms": _round(timed["uncached"]),
+          "uncached_over_cached": _round(timed["uncached"] / timed["cached"]), "generated_frames": frames,
+          "decode_included": False, "statistic": f"median over {runs} rollouts"}
+
+
+def train_step_layouts(config, *, runs: int) -> dict:
+  d = config.dynamics
+  b, t = config.dynamics_train.batch_size, d.window_len
+  timed = {}
+  for layout in ("factorised", "full"):
+    layout_config = ml_collections.ConfigDict(config.to_dict())
+    layout_config.dynamics.layout = layout
+    _, _, model, params = realtime.random_world_model(layout_config)
+    c = model.config
+    keys = jax.random.split(jax.random.key(2), 3)
+    batch = {"latents": jax.random.normal(keys[0], (b, t, c.num_latents, c.latent_channels)),
+             "actions": jax.random.randint(keys[1], (b, t), 0, c.num_actions)}
+    loss = lambda p, model=model: shortcut_forcing.dynamics_loss(
+        model, p, batch, keys[2], single_image_fraction=d.single_image_fraction)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    call = lambda step=step, params=params: jax.block_until_ready(step(params))
+    call()  # compiles
+    timed[layout] = _median_ms(call, runs)
+  return {"factorised_ms": _round(timed["factorised"]), "full_ms": _round(timed["full"]),
+          "full_over_factorised": _round(timed["full"] / timed["factorised"]), "batch": [b, t],
+          "statistic": f"median over {runs} steps"}
+
+
+def measure(config, workdir: str | None, *, frames: int, context: int, rollout_frames: int, runs: int,
+            warmup: int):
+  """Yields the JSON records, one per measurement."""
+  if workdir:
+    models = dynamics_stage.load_world_model(config, workdir)
+    weights = f"trained ({workdir})"
+  else:
+    models = realtime.random_world_model(config)
+    weights = "random init (speed does not depend on the weights)"
+  r, d, t = config.rollout, config.dynamics, config.tokenizer
+  common = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "num_steps": r.num_steps, "context": context, "compute_dtype": config.compute_dtype,
+            "dynamics": {"width": d.width, "layers": d.num_layers, "layout": d.layout,
+                         "time_every": d.time_every, "spatial_tokens": d.spatial_tokens},
+            "tokenizer": {"width": t.width, "encoder_layers": t.encoder_layers,
+                          "decoder_layers": t.decoder_layers}}
+  world = realtime.ImaginedWorld(*models, num_steps=r.num_steps, context_signal=r.context_signal,
+                                 max_context_frames=context + warmup + frames)
+  yield {"benchmark": "interactive_fps", **common, "params": weights,
+         **interactive_fps(world, context=context, frames=frames, warmup=warmup)}
+  yield {"benchmark": "kv_cache", **common, "params": weights,
+         **kv_cache_speedup(models[2], models[3], context=context, frames=rollout_frames,
+                            num_steps=r.num_steps, context_signal=r.context_signal, runs=runs)}
+  yield {"benchmark": "train_step_layout", **common, "params": "random init (both layouts)",
+         **train_step_layouts(config, runs=runs)}
+
+
+def fail(kind: str, message: str):
+  print(f"{kind}: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  if not args["verbosity"].present:  # absl's INFO default floods stderr with orbax logs
+    logging.getLogger("absl").setLevel(logging.WARNING)
+  if args.config is None:
+    fail("config error", "config: --config=configs/world_model.py[:variant] is required")
+  for name in ("frames", "context", "rollout_frames", "runs", "warmup"):
+    if args[name].value < 1:
+      fail("config error", f"{name}: must be >= 1, got {args[name].value}")
+  try:
+    for record in measure(args.config, args.workdir, frames=args.frames, context=args.context,
+                          rollout_frames=args.rollout_frames, runs=args.runs, warmup=args.warmup):
+      print(json.dumps(record), flush=True)
+  except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
+    fail("checkpoint error", f"{e} (train the world model into --workdir first, or leave --workdir "
+         "out to time random parameters)")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

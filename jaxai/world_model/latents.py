@@ -1,0 +1,124 @@
+"""Recorded Craftax steps as frozen-tokenizer latents: encoded once per tokenizer checkpoint, cached.
+
+The dynamics stage trains on tokenizer latents, never on pixels. Encoding a frame costs about as
+much as a dynamics training pass over it, and every frame is seen many times, so the episodes are
+encoded once (frame by frame: the tokenizer is causal and was trained on single frames) and kept
+as float16 arrays in ``<cache_dir>/<split>_<episodes>ep_tokenizer<step>.npz``. The file name ties
+a cache to the tokenizer checkpoint it came from; a cache that cannot be read is re-encoded (it is
+derived data). ``LatentSteps`` holds one split in memory; ``window_dataset`` cuts it into
+fixed-length windows that never cross an episode boundary.
+"""
+import dataclasses
+import os
+import sys
+
+import grain
+import jax
+import numpy as np
+import tqdm
+
+from jaxai.craftax import dataset as craftax_dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSteps:
+  """One split laid end to end: ``latents`` float16 [S, L, C]; per step ``actions`` int32 [S] (the
+  action taken after the frame, dataset convention) and ``is_first`` bool [S]; ``episode_offsets``
+  [E + 1] the first step of each episode (and the total); ``world_seeds`` [E]."""
+  latents: np.ndarray
+  actions: np.ndarray
+  is_first: np.ndarray
+  episode_offsets: np.ndarray
+  world_seeds: np.ndarray
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.actions)
+
+
+def window_starts(episode_offsets: np.ndarray, window_len: int, stride: int = 1) -> np.ndarray:
+  """First steps of every window of ``window_len`` steps that lies inside one episode."""
+  starts = [np.arange(begin, end - window_len + 1, stride, dtype=np.int64)
+            for begin, end in zip(episode_offsets[:-1], episode_offsets[1:])]
+  return np.concatenate(starts) if starts else np.zeros(0, np.int64)
+
+
+def _cache_path(cache_dir: str, split: str, episodes: int, tokenizer_step: int) -> str:
+  return os.path.join(cache_dir, f"{split}_{episodes}ep_tokenizer{tokenizer_step}.npz")
+
+
+def _read(path: str) -> LatentSteps | None:
+  try:
+    with np.load(path) as f:
+      steps = LatentSteps(**{field.name: f[field.name] for field in dataclasses.fields(LatentSteps)})
+  except (OSError, KeyError, ValueError, EOFError):
+    return None
+  consistent = (steps.latents.shape[0] == steps.num_steps == int(steps.episode_offsets[-1]) and
+                len(steps.world_seeds) == len(steps.episode_offsets) - 1)
+  return steps if consistent else None
+
+
+def load_or_encode(encode, *, data_dir: str, variant: str, split: str, max_episodes: int,
+                   tokenizer_step: int, cache_dir: str, batch_size: int = 256) -> LatentSteps:
+  """The split's first ``max_episodes`` episodes (0: all) as latents, from the cache or encoded now.
+
+  encode: uint8 frames [B, H, W, C] -> latents [B, L, C] (the frozen tokenizer, jitted by the
+  caller; called with exactly ``batch_size`` frames, the last batch padded).
+  """
+  steps = craftax_dataset.load(data_dir, split, variant=variant)
+  num_episodes = len(steps.episodes["length"])
+  episodes = num_episodes if max_episodes <= 0 else min(max_episodes, num_episodes)
+  path = _cache_path(cache_dir, split, episodes, tokenizer_step)
+  if os.path.exists(path):
+    cached = _read(path)
+    if cached is not None:
+      return cached
+    print(f"latent cache {path} is unreadable; encoding again", file=sys.stderr, flush=True)
+  num_steps = int(steps.episode_offsets[episodes])
+  latents = None
+  actions = np.zeros(num_steps, np.int32)
+  is_first = np.zeros(num_steps, bool)
+  for start in tqdm.trange(0, num_steps, batch_size, desc=f"encoding {split} frames", unit="batch",
+                           file=sys.stderr, disable=jax.process_index() != 0):
+    count = min(batch_size, num_steps - start)
+    read = steps.read_steps(start, count)
+    frames = read["frames"]
+    if count < batch_size:
+      frames = np.concatenate([frames, np.repeat(frames[-1:], batch_size - count, 0)])
+    encoded = np.asarray(jax.device_get(encode(frames)))[:count].astype(np.float16)
+    if latents is None:
+      latents = np.zeros((num_steps, *encoded.shape[1:]), np.float16)
+    latents[start:start + count] = encoded
+    actions[start:start + count] = read["actions"]
+    is_first[start:start + count] = read["is_first"]
+  result = LatentSteps(latents=latents, actions=actions, is_first=is_first,
+                       episode_offsets=np.asarray(steps.episode_offsets[:episodes + 1], np.int64),
+                       world_seeds=np.asarray(steps.episodes["world_seed"][:episodes], np.int64))
+  if jax.process_index() == 0:
+    os.makedirs(cache_dir, exist_ok=True)
+    partial = path + ".partial.npz"  # written then renamed: a crash never leaves a half cache
+    np.savez(partial, **dataclasses.asdict(result))
+    os.replace(partial, path)
+  return result
+
+
+class _Windows(grain.sources.RandomAccessDataSource):
+
+  def __init__(self, steps: LatentSteps, starts: np.ndarray, window_len: int):
+    self.steps, self.starts, self.window_len = steps, starts, window_len
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    window = slice(int(self.starts[index]), int(self.starts[index]) + self.window_len)
+    return {"latents": self.steps.latents[window], "actions": self.steps.actions[window],
+            "is_first": self.steps.is_first[window]}
+
+
+def window_dataset(steps: LatentSteps, window_len: int, stride: int = 1) -> grain.MapDataset:
+  """{'latents': float16 [T, L, C], 'actions': int32 [T], 'is_first': bool [T]} windows, in order."""
+  starts = window_starts(steps.episode_offsets, window_len, stride)
+  if len(starts) == 0:
+    raise ValueError(f"no episode has {window_len} steps")
+  return grain.MapDataset.source(_Windows(steps, starts, window_len))

@@ -1,0 +1,166 @@
+"""Held-out evaluation of the dynamics model: rollout PSNR against baselines, and action accuracy.
+
+``eval/rollout_psnr``: for ``rollout.eval_windows`` held-out windows, the model sees
+``context_frames`` real frames (as tokenizer latents) and imagines the next ``horizon`` frames
+from the recorded actions with K = ``rollout.num_steps`` shortcut steps; the decoded frames are
+compared with the real ones (mean over windows of the per-frame PSNR, then over horizons;
+``_h1``/``_h4``/``_h16`` single horizons). Baselines in the same metrics row:
+
+* ``eval/rollout_psnr_k<baseline_steps>``: the same model sampled with K = 64 steps (same noise);
+* ``eval/rollout_psnr_repeat_last``: the last context frame repeated (a model that learned nothing
+  about motion);
+* ``eval/tokenizer_psnr_future``: the tokenizer's own reconstruction of the future frames, the
+  ceiling any rollout decoded by it can reach.
+
+``eval/action_top1``: ``rollout.action_states`` held-out game states are rebuilt in the real game
+(replaying the episode from its world seed) and stepped with each of the 17 actions, giving the
+true next frame of every action. The model, given the 16 preceding real frames, predicts the next
+frame for each action (same noise for all 17). A state counts as a hit when the prediction closest
+to the real next frame belongs to an action whose real outcome *is* that frame: several actions
+often have the same effect (e.g. NOOP and a craft the player cannot afford), and they are then
+equally right; equally close predictions are a tie, broken at random (in expectation).
+``eval/action_top1_chance`` is what picking an action at random would score.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxai.craftax import dataset as craftax_dataset
+from jaxai.craftax import env as craftax_env
+from jaxai.world_model import dynamics as dynamics_lib
+from jaxai.world_model import latents as latents_lib
+from jaxai.world_model import rollout as rollout_lib
+
+REPORTED_HORIZONS = (1, 4, 16)
+
+
+def frame_psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """PSNR in dB of [..., H, W, C] frames in [0, 1] (pred) against uint8 frames (target)."""
+  mse = np.mean((pred.astype(np.float64) - target.astype(np.float64) / 255.0) ** 2, axis=(-3, -2, -1))
+  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+def _evenly(items: np.ndarray, count: int) -> np.ndarray:
+  return items[np.unique(np.linspace(0, len(items) - 1, min(count, len(items))).astype(int))]
+
+
+def _horizon_metrics(prefix: str, psnr: np.ndarray) -> dict:
+  """psnr [windows, horizon] -> the mean and a few single horizons."""
+  per_horizon = psnr.mean(axis=0)
+  out = {prefix: float(per_horizon.mean())}
+  for h in REPORTED_HORIZONS:
+    if h <= len(per_horizon):
+      out[f"{prefix}_h{h}"] = float(per_horizon[h - 1])
+  return out
+
+
+def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_lib.LatentSteps,
+                  out_dir: str):
+  """(dynamics params, step) -> metrics; see the module docstring."""
+  r = config.rollout
+  length = r.context_frames + r.horizon
+  split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
+  starts = _evenly(latents_lib.window_starts(heldout.episode_offsets, length), r.eval_windows)
+  frames = np.stack([split.read_steps(int(s), length)["frames"] for s in starts])  # [W, T, H, W, C]
+  window_latents = np.stack([heldout.latents[s:s + length] for s in starts]).astype(np.float32)
+  actions, labelled = dynamics_lib.actions_into_frames(
+      np.stack([heldout.actions[s:s + length] for s in starts]),
+      np.stack([heldout.is_first[s:s + length] for s in starts]))
+  context = window_latents[:, :r.context_frames]
+  future = frames[:, r.context_frames:]
+
+  decode = jax.jit(lambda z: jnp.clip(tokenizer.apply({"params": tokenizer_params}, z,
+                                                      method=tokenizer.decode), 0.0, 1.0))
+
+  def imagine(params, context, actions, labelled, rng, num_steps):
+    latents = rollout_lib.rollout(model, params, context, actions, rng, num_steps=num_steps,
+                                  context_signal=r.context_signal, action_mask=labelled)
+    return np.asarray(decode(latents))
+
+  tokenizer_future = np.asarray(decode(window_latents[:, r.context_frames:]))
+  fixed = {
+      **_horizon_metrics("eval/tokenizer_psnr_future", frame_psnr(tokenizer_future, future)),
+      **_horizon_metrics("eval/rollout_psnr_repeat_last",
+                         frame_psnr(np.repeat(frames[:, r.context_frames - 1:r.context_frames] / 255.0,
+                                              r.horizon, axis=1), future)),
+  }
+  action_states = _action_states(config, split, heldout) if r.action_states else None
+
+  def evaluate(params, step):
+    rng = jax.random.key(step)  # the same noise for K = 4 and the K = 64 baseline
+    metrics = dict(fixed)
+    predicted = None
+    for num_steps in (r.num_steps, r.baseline_steps):
+      imagined = imagine(params, context, actions, labelled, rng, num_steps)
+      name = "eval/rollout_psnr" if num_steps == r.num_steps else f"eval/rollout_psnr_k{num_steps}"
+      metrics.update(_horizon_metrics(name, frame_psnr(imagined, future)))
+      predicted = imagined if num_steps == r.num_steps else predicted
+    if action_states is not None:
+      metrics.update(_action_top1(params, action_states, imagine, rng, r.num_steps))
+    _write_strip(os.path.join(out_dir, f"rollout_step_{step}.png"), future[:2], predicted[:2])
+    return metrics
+
+  return evaluate
+
+
+def _action_states(config, split, heldout: latents_lib.LatentSteps) -> dict:
+  """Held-out states with their context latents and the real next frame of every action."""
+  r = config.rollout
+  candidates = []
+  for e, (begin, end) in enumerate(zip(heldout.episode_offsets[:-1], heldout.episode_offsets[1:])):
+    candidates += [(e, int(t)) for t in range(r.context_frames - 1, int(end - begin) - 1)]
+  contexts, context_actions, context_labels, outcomes, taken = [], [], [], [], []
+  for e, t in _evenly(np.array(candidates, dtype=np.int64), r.action_states):
+    begin = int(heldout.episode_offsets[e])
+    episode_actions = heldout.actions[begin:begin + t + 1]
+    frame, next_frames = craftax_env.next_frame_of_every_action(int(heldout.world_seeds[e]),
+                                                                episode_actions, t)
+    recorded = split.read_steps(begin + t, 2)["frames"]
+    # The replay must land on the recorded frames (up to float rounding), or the states are wrong.
+    if np.mean(np.abs(frame.astype(int) - recorded[0]) > 1) > 0.01 or \
+       np.mean(np.abs(next_frames[episode_actions[t]].astype(int) - recorded[1]) > 1) > 0.01:
+      raise RuntimeError(f"held-out episode {e} does not replay to its recorded frames at step {t}")
+    window = slice(begin + t + 1 - r.context_frames, begin + t + 1)
+    a, labels = dynamics_lib.actions_into_frames(heldout.actions[None, window], heldout.is_first[None, window])
+    contexts.append(heldout.latents[window].astype(np.float32))
+    context_actions.append(np.asarray(a[0]))
+    context_labels.append(np.asarray(labels[0]))
+    outcomes.append(next_frames)
+    taken.append(int(episode_actions[t]))
+  return {"context": np.stack(contexts), "actions": np.stack(context_actions),
+          "labelled": np.stack(context_labels), "outcomes": np.stack(outcomes), "taken": np.array(taken)}
+
+
+def _action_top1(params, states: dict, imagine, rng, num_steps: int) -> dict:
+  n = len(states["taken"])
+  distances = np.zeros((n, craftax_env.NUM_ACTIONS))
+  real_next = states["outcomes"][np.arange(n), states["taken"]]  # [n, H, W, C]
+  for a in range(craftax_env.NUM_ACTIONS):  # one batch per action: the same noise for every action
+    actions = np.concatenate([states["actions"], np.full((n, 1), a, np.int32)], axis=1)
+    labelled = np.concatenate([states["labelled"], np.ones((n, 1), bool)], axis=1)
+    predicted = imagine(params, states["context"], actions, labelled, rng, num_steps)[:, 0]
+    distances[:, a] = np.mean((predicted - real_next / 255.0) ** 2, axis=(1, 2, 3))
+  same_outcome = np.all(states["outcomes"] == real_next[:, None], axis=(2, 3, 4))  # [n, 17]
+  # Ties (a model that ignores the action predicts 17 equal frames) are broken at random: in
+  # expectation, the fraction of the tied-closest actions that are right.
+  closest = distances <= distances.min(axis=1, keepdims=True) * (1 + 1e-9)
+  hits = np.sum(closest & same_outcome, axis=1) / np.sum(closest, axis=1)
+  return {"eval/action_top1": float(np.mean(hits)),
+          "eval/action_top1_chance": float(np.mean(same_outcome.mean(axis=1))),
+          "eval/action_states": n}
+
+
+def _write_strip(path: str, real: np.ndarray, imagined: np.ndarray) -> None:
+  """PNG: for each window, the real future frames above the imagined ones."""
+  if jax.process_index() != 0:
+    return
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
+  horizon = real.shape[1]
+  grid = task_lib.image_grid(real.reshape(-1, *real.shape[2:]),
+                             np.round(imagined.reshape(-1, *imagined.shape[2:]) * 255).astype(np.uint8),
+                             columns=horizon, scale=2)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).save(path)

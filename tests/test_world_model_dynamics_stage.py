@@ -1,0 +1,87 @@
+"""The world model's dynamics stage end to end (issue 5): data, alternating batches, evaluation."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from jaxai import main
+from jaxai.world_model import dynamics_stage, latents, rollout_eval
+
+_spec = importlib.util.spec_from_file_location("world_model_config",
+                                               os.path.join(REPO_ROOT, "configs", "world_model.py"))
+world_model_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(world_model_config)
+
+
+def test_window_starts_stay_inside_episodes():
+  offsets = np.array([0, 5, 7, 15])
+  starts = latents.window_starts(offsets, 3)
+  np.testing.assert_array_equal(starts, [0, 1, 2, 7, 8, 9, 10, 11, 12])  # episode 2 (5..7) is too short
+
+
+def test_short_batches_are_the_long_windows_cut_in_order():
+  batch = {"latents": np.arange(2 * 8 * 3).reshape(2, 8, 3), "actions": np.arange(16).reshape(2, 8)}
+  assert dynamics_stage.cut_short(4, batch, long_every=4, short_len=2) is batch  # every 4th stays long
+  short = dynamics_stage.cut_short(5, batch, long_every=4, short_len=2)
+  assert short["latents"].shape == (8, 2, 3) and short["actions"].shape == (8, 2)
+  for row in range(2):  # window r, frames [2k, 2k + 2) -> short window 4r + k
+    for k in range(4):
+      np.testing.assert_array_equal(short["actions"][4 * row + k], batch["actions"][row, 2 * k:2 * k + 2])
+
+
+def test_action_top1_counts_equivalent_actions_as_right():
+  # 3 states; outcomes[s, a] is the real next frame of action a (actions 0 and 1 do the same thing).
+  n, h = 3, 2
+  outcomes = np.zeros((n, 17, h, h, 3), np.uint8)
+  for a in range(17):
+    outcomes[:, a] = 10 * min(a, 16) if a != 1 else 0
+  states = {"context": np.zeros((n, 1)), "actions": np.zeros((n, 1), np.int32),
+            "labelled": np.ones((n, 1), bool), "outcomes": outcomes, "taken": np.array([0, 1, 5])}
+
+  def oracle(params, context, actions, labelled, rng, num_steps):  # predicts each action's real outcome
+    del params, context, labelled, rng, num_steps
+    return (outcomes[np.arange(n), actions[:, -1]] / 255.0)[:, None]
+
+  def action_blind(params, context, actions, labelled, rng, num_steps):  # always predicts action 16's
+    del params, context, actions, labelled, rng, num_steps
+    return (outcomes[:, 16] / 255.0)[:, None]
+
+  top1 = rollout_eval._action_top1  # pylint: disable=protected-access
+  result = top1(None, states, oracle, None, 4)
+  assert result["eval/action_top1"] == 1.0
+  # Chance: 2/17 for the two states whose action shares its outcome, 1/17 for the other.
+  assert result["eval/action_top1_chance"] == pytest.approx((2 + 2 + 1) / 17 / 3)
+  # A model that ignores the action ties all 17: it scores chance, not the luck of the first index.
+  assert top1(None, states, action_blind, None, 4)["eval/action_top1"] == pytest.approx(
+      result["eval/action_top1_chance"])
+
+
+def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
+  config = world_model_config.get_config("tiny")
+  config.stage = "all"
+  config.data.update(source="craftax", variant="tiny", dir=str(tmp_path / "data"), generate=True)
+  config.dynamics_train.update(total_steps=6, log_every=1)
+  workdir = tmp_path / "run"
+  main.run(config, str(workdir))
+  with open(workdir / "dynamics" / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  final = rows[-1]
+  for key in ("eval/rollout_psnr", "eval/rollout_psnr_k8", "eval/rollout_psnr_repeat_last",
+              "eval/tokenizer_psnr_future", "eval/rollout_psnr_h1", "eval/action_top1",
+              "eval/action_top1_chance"):
+    assert key in final, key
+  assert 0.0 <= final["eval/action_top1"] <= 1.0 and final["eval/action_states"] == 2
+  assert os.path.exists(workdir / "dynamics" / "rollout_step_6.png")
+  cache = os.listdir(workdir / "tokenizer" / "latents")
+  assert sorted(cache) == ["heldout_2ep_tokenizer5.npz", "train_4ep_tokenizer5.npz"]
+  # A second dynamics run (the ablation) reads the same frozen tokenizer and its latent cache.
+  config.stage = "dynamics"
+  config.dynamics.update(shortcut=False, tokenizer_workdir=str(workdir))
+  config.dynamics_train.update(total_steps=2)
+  main.run(config, str(tmp_path / "ablation"))
+  assert not os.path.exists(tmp_path / "ablation" / "tokenizer")
