@@ -172,6 +172,18 @@ def test_sampler_draws_power_of_two_steps_and_signal_levels_on_their_grid():
   assert len(np.unique(tau[steps_per_unit == 8])) == 8  # the whole grid is reached
 
 
+def test_sampler_with_a_bootstrap_fraction_gives_the_rest_d_min():
+  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
+  tau, step = map(np.asarray, sample(jax.random.key(1), (64, 64), K_MAX, 0.25))
+  steps_per_unit = np.round(1 / step).astype(int)
+  assert abs(np.mean(steps_per_unit == K_MAX) - 0.75) < 0.03  # d_min: 3/4 of 4096 frames
+  for k in (1, 2, 4):  # the bootstrap quarter, uniform over the larger sizes
+    assert abs(np.mean(steps_per_unit == k) - 0.25 / 3) < 0.02
+  level = tau * steps_per_unit
+  np.testing.assert_allclose(level, np.round(level), atol=1e-6)
+  assert len(np.unique(tau[steps_per_unit == K_MAX])) == K_MAX
+
+
 def toy_predictor(theta):
   """A small nonlinear f(z, tau, d) whose two half steps differ, so the bootstrap is not trivial."""
   def predict(z, tau, step):

@@ -65,6 +65,7 @@ class DynamicsConfig:
   time_every: int = 4
   layout: str = "factorised"  # factorised (space layers + a time layer every time_every) | full
   shortcut: bool = True  # False: trained at d = d_min only (plain diffusion forcing)
+  bootstrap_fraction: float | None = None  # frames with d > d_min; None: d uniform (the paper)
   token_init_scale: float = 0.02
 
   def __post_init__(self):

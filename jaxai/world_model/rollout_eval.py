@@ -71,8 +71,13 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   context = window_latents[:, :r.context_frames]
   future = frames[:, r.context_frames:]
 
-  decode = jax.jit(lambda z: jnp.clip(tokenizer.apply({"params": tokenizer_params}, z,
-                                                      method=tokenizer.decode), 0.0, 1.0))
+  @jax.jit
+  def decode(z):
+    """[W, T, L, C] -> [W, T, H, W, C], each frame decoded on its own, as the tokenizer was trained
+    (single frames) and as the interactive world decodes."""
+    frames = tokenizer.apply({"params": tokenizer_params}, z.reshape(-1, 1, *z.shape[2:]),
+                             method=tokenizer.decode)
+    return jnp.clip(frames.reshape(*z.shape[:2], *frames.shape[2:]), 0.0, 1.0)
 
   def imagine(params, context, actions, labelled, rng, num_steps):
     latents = rollout_lib.rollout(model, params, context, actions, rng, num_steps=num_steps,

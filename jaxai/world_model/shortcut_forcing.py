@@ -25,10 +25,22 @@ import jax.numpy as jnp
 from kernels_pallas import shortcut_forcing as kernel
 
 
-def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> tuple[jax.Array, jax.Array]:
-  """Per frame (tau, d), fp32: d = 1 / 2^U{0..log2 K_max}, tau = U{0, ..., 1/d - 1} * d."""
-  step_rng, tau_rng = jax.random.split(rng)
-  num_steps = 2 ** jax.random.randint(step_rng, shape, 0, k_max.bit_length())  # 1, 2, ..., K_max
+def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int,
+                        bootstrap_fraction: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per frame (tau, d), fp32: d = 1 / 2^U{0..log2 K_max}, tau = U{0, ..., 1/d - 1} * d.
+
+  ``bootstrap_fraction`` None is the paper's d, uniform over all 1 + log2 K_max sizes (so 6/7 of
+  the frames bootstrap at K_max = 64). A number f instead gives d_min to a fraction 1 - f of the
+  frames and a uniform d > d_min to the rest, as the shortcut-models paper (Frans et al., 2024)
+  does with f = 1/4: more frames then learn from the data rather than from the model itself.
+  """
+  step_rng, tau_rng, split_rng = jax.random.split(rng, 3)
+  levels = k_max.bit_length()  # d in {1, 1/2, ..., 1/K_max}
+  if bootstrap_fraction is None:
+    num_steps = 2 ** jax.random.randint(step_rng, shape, 0, levels)
+  else:
+    bootstrap = jax.random.uniform(split_rng, shape) < bootstrap_fraction
+    num_steps = jnp.where(bootstrap, 2 ** jax.random.randint(step_rng, shape, 0, levels - 1), k_max)
   tau = jax.random.randint(tau_rng, shape, 0, num_steps) / num_steps
   return tau.astype(jnp.float32), (1.0 / num_steps).astype(jnp.float32)
 
@@ -112,7 +124,7 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   frame_mask = batch.get("frame_mask", jnp.ones((b, t), jnp.float32)).astype(jnp.float32)
   tau_rng, noise_rng, image_rng = jax.random.split(rng, 3)
   if c.shortcut:
-    tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max)
+    tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max, c.bootstrap_fraction)
   else:
     tau, step = sample_tau_at_d_min(tau_rng, (b, t), c.k_max)
   noise = jax.random.normal(noise_rng, z_clean.shape, jnp.float32)
