@@ -3,11 +3,11 @@ r"""Dreamer 4 world model on Craftax-Classic: causal tokenizer (issue 4) and dyn
 Tokenizer (stage ``tokenizer``): 63x63 frames cut into 81 patches of 7x7 pixels (one per game
 tile) + 32 learned latent tokens; encoder and decoder transformers with the paper's masks,
 block-causal over frames; tanh bottleneck of 32 x 16 = 512 values (23x smaller than the frame);
-masked autoencoding with patch drop probability ~ U(0, 0.9); loss MSE + 0.2 x perceptual, each
-term divided by a running (debiased EMA) RMS kept in the trainer state
+masked autoencoding with patch drop probability ~ U(0, 0.9); loss MSE (+ perceptual_weight x
+perceptual, 0 by default), each term divided by a running (debiased EMA) RMS kept in the trainer state
 (jaxai/world_model/tokenizer_loss.py). Perceptual term: LPIPS needs VGG weights that cannot be
 downloaded here; substitute: the image-gradient loss (squared error of horizontal and vertical
-pixel differences).
+pixel differences). It showed no benefit (see tokenizer.perceptual_weight), so it is off by default.
 
 Dynamics (stage ``dynamics``; ``all`` runs both): the frozen tokenizer's latents regrouped into 16
 spatial tokens per frame + 4 registers + a (tau, d) token + an action token; 8 layers, space-only
@@ -21,7 +21,8 @@ Variants:
   tiny     CPU, seconds; synthetic scrolling tile maps for the tokenizer (tests). Used by the tests.
   default  CPU (2 cores), single-frame tokenizer, bf16 compute:
              python -m jaxai.main --config=configs/world_model.py --config.stage=tokenizer \
-                 --workdir=/work/runs/wm_final --config.data.dir=/work/data
+                 --workdir=/work/runs/wm_final --config.data.dir=/work/data \
+                 --config.tokenizer.perceptual_weight=0.2   # as measured below
            (records the dataset into data.dir first if it is missing: ~6 min, once). Writes
            tokenizer/metrics.jsonl (eval/psnr, bottleneck_values, compression_ratio) and
            tokenizer/recon_step_<N>.png. Target: held-out PSNR >= 32 dB in 45 minutes.
@@ -72,7 +73,10 @@ def get_config(arg=None):
       width=128, encoder_layers=2, decoder_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
       mlp_hidden=384, qk_norm=True, attn_soft_cap=0.0,
       patch_size=7, num_latents=32, latent_channels=16,  # 512 values per frame: 23x smaller
-      max_mask_prob=0.9, perceptual_weight=0.2,
+      # The image-gradient term (LPIPS stand-in) did not help: 600-step runs with weight 0 vs 0.2
+      # gave held-out PSNR 21.44 vs 21.37 dB and edge MSE 0.00942 vs 0.00938, so it is off by
+      # default (the 6000-step figures in the docstring were measured with 0.2).
+      max_mask_prob=0.9, perceptual_weight=0.0,
   )
   # Batch 32 learned as much per step as batch 64 in the first 300 steps (train PSNR 18.4 at step
   # 300 both) at half the cost.
@@ -121,8 +125,10 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 0.0
   if variant == "tiny":
     c.data.update(source="synthetic", window_len=2, eval_frames=16, synthetic_windows=64)
+    # The tiny variant keeps the perceptual term so that the tests cover the two-term loss.
     c.tokenizer.update(width=32, encoder_layers=1, decoder_layers=1, num_heads=2, num_kv_heads=2,
-                       head_dim=16, mlp_hidden=64, num_latents=4, latent_channels=8)
+                       head_dim=16, mlp_hidden=64, num_latents=4, latent_channels=8,
+                       perceptual_weight=0.2)
     c.batch_size = 8
     c.total_steps = 5
     c.log_every = 1
