@@ -38,7 +38,6 @@ from jaxai.craftax import dataset as craftax_dataset
 from jaxai.craftax import env as craftax_env
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import dynamics_stage, realtime, rollout_eval
-from jaxai.world_model import latents as latents_lib
 from jaxai.world_model import rollout as rollout_lib
 
 SCALE = 4  # GIF upscaling
@@ -62,7 +61,7 @@ class UsageError(ValueError):
 def heldout_windows(config, count: int, length: int) -> list[dict]:
   """``count`` windows of ``length`` recorded steps, each inside one held-out episode, evenly spread."""
   split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
-  starts = latents_lib.window_starts(split.episode_offsets, length)
+  starts = craftax_dataset.window_starts(split.episode_offsets, length)
   if not len(starts):
     raise UsageError(f"context: no held-out episode has context + horizon = {length} steps")
   chosen = starts[np.unique(np.linspace(0, len(starts) - 1, min(count, len(starts))).astype(int))]
@@ -265,7 +264,7 @@ def make_server(world: realtime.ImaginedWorld, next_context, *, host: str = "127
 def heldout_contexts(config, length: int, seed: int):
   """next_context() for ``make_server``: a random held-out window of ``length`` steps each call."""
   split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
-  starts = latents_lib.window_starts(split.episode_offsets, length)
+  starts = craftax_dataset.window_starts(split.episode_offsets, length)
   if not len(starts):
     raise UsageError(f"context: no held-out episode has {length} steps")
   rng = np.random.default_rng(seed)

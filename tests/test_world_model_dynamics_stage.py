@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO_ROOT
 from jaxai import main
-from jaxai.world_model import dynamics_stage, latents, rollout_eval
+from jaxai.craftax import dataset as craftax_dataset
+from jaxai.world_model import dynamics_stage, rollout_eval
 
 _spec = importlib.util.spec_from_file_location("world_model_config",
                                                os.path.join(REPO_ROOT, "configs", "world_model.py"))
@@ -18,7 +19,7 @@ _spec.loader.exec_module(world_model_config)
 
 def test_window_starts_stay_inside_episodes():
   offsets = np.array([0, 5, 7, 15])
-  starts = latents.window_starts(offsets, 3)
+  starts = craftax_dataset.window_starts(offsets, 3)
   np.testing.assert_array_equal(starts, [0, 1, 2, 7, 8, 9, 10, 11, 12])  # episode 2 (5..7) is too short
 
 

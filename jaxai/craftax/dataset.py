@@ -298,10 +298,19 @@ def load(data_dir: str, split: str, *, variant: str = "default") -> CraftaxOffli
   return CraftaxOfflineSplit(data_dir, split, variant=variant)
 
 
-class _Windows(grain.sources.RandomAccessDataSource):
-  """Window ``i`` = steps ``[starts[i], starts[i] + window_len)`` of the split laid end to end."""
+def window_starts(episode_offsets: np.ndarray, window_len: int, stride: int = 1) -> np.ndarray:
+  """First steps of every ``stride``-th window of ``window_len`` steps that lies inside one episode;
+  ``episode_offsets`` [E + 1] holds each episode's first step and the total."""
+  starts = [np.arange(begin, end - window_len + 1, stride, dtype=np.int64)
+            for begin, end in zip(episode_offsets[:-1], episode_offsets[1:])]
+  return np.concatenate(starts) if starts else np.zeros(0, np.int64)
 
-  def __init__(self, steps: CraftaxOfflineSplit, starts: np.ndarray, window_len: int):
+
+class WindowSource(grain.sources.RandomAccessDataSource):
+  """Window ``i`` = ``steps.read_steps(starts[i], window_len)``, of any steps laid end to end
+  (a recorded split here, tokenizer latents in ``jaxai.world_model.latents``)."""
+
+  def __init__(self, steps, starts: np.ndarray, window_len: int):
     self.steps, self.starts, self.window_len = steps, starts, window_len
 
   def __len__(self) -> int:
@@ -332,14 +341,11 @@ def window_dataset(data_dir: str, split: str, window_len: int, *, variant: str =
   if cross_episodes:
     starts = np.arange(0, steps.num_steps - window_len + 1, stride, dtype=np.int64)
   else:
-    starts = np.concatenate(
-        [np.arange(offset, offset + length - window_len + 1, stride, dtype=np.int64)
-         for offset, length in zip(steps.episode_offsets[:-1], steps.episodes["length"])] or
-        [np.zeros(0, np.int64)])
+    starts = window_starts(steps.episode_offsets, window_len, stride)
   if len(starts) == 0:
     raise DatasetError(f"{DATASET_NAME} at {steps.path}: split {split!r} has no window of "
                        f"{window_len} steps (longest episode: {int(steps.episodes['length'].max())})")
-  windows = grain.MapDataset.source(_Windows(steps, starts, window_len))
+  windows = grain.MapDataset.source(WindowSource(steps, starts, window_len))
   if shuffle:
     windows = windows.shuffle(seed=seed)
   return windows[shard_index::shard_count]

@@ -35,12 +35,10 @@ class LatentSteps:
   def num_steps(self) -> int:
     return len(self.actions)
 
-
-def window_starts(episode_offsets: np.ndarray, window_len: int, stride: int = 1) -> np.ndarray:
-  """First steps of every window of ``window_len`` steps that lies inside one episode."""
-  starts = [np.arange(begin, end - window_len + 1, stride, dtype=np.int64)
-            for begin, end in zip(episode_offsets[:-1], episode_offsets[1:])]
-  return np.concatenate(starts) if starts else np.zeros(0, np.int64)
+  def read_steps(self, start: int, count: int) -> dict[str, np.ndarray]:
+    window = slice(start, start + count)
+    return {"latents": self.latents[window], "actions": self.actions[window],
+            "is_first": self.is_first[window]}
 
 
 def _cache_path(cache_dir: str, split: str, episodes: int, tokenizer_step: int) -> str:
@@ -102,23 +100,9 @@ def load_or_encode(encode, *, data_dir: str, variant: str, split: str, max_episo
   return result
 
 
-class _Windows(grain.sources.RandomAccessDataSource):
-
-  def __init__(self, steps: LatentSteps, starts: np.ndarray, window_len: int):
-    self.steps, self.starts, self.window_len = steps, starts, window_len
-
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    window = slice(int(self.starts[index]), int(self.starts[index]) + self.window_len)
-    return {"latents": self.steps.latents[window], "actions": self.steps.actions[window],
-            "is_first": self.steps.is_first[window]}
-
-
 def window_dataset(steps: LatentSteps, window_len: int, stride: int = 1) -> grain.MapDataset:
   """{'latents': float16 [T, L, C], 'actions': int32 [T], 'is_first': bool [T]} windows, in order."""
-  starts = window_starts(steps.episode_offsets, window_len, stride)
+  starts = craftax_dataset.window_starts(steps.episode_offsets, window_len, stride)
   if len(starts) == 0:
     raise ValueError(f"no episode has {window_len} steps")
-  return grain.MapDataset.source(_Windows(steps, starts, window_len))
+  return grain.MapDataset.source(craftax_dataset.WindowSource(steps, starts, window_len))

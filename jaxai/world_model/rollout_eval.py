@@ -62,7 +62,7 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   r = config.rollout
   length = r.context_frames + r.horizon
   split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
-  starts = _evenly(latents_lib.window_starts(heldout.episode_offsets, length), r.eval_windows)
+  starts = _evenly(craftax_dataset.window_starts(heldout.episode_offsets, length), r.eval_windows)
   frames = np.stack([split.read_steps(int(s), length)["frames"] for s in starts])  # [W, T, H, W, C]
   window_latents = np.stack([heldout.latents[s:s + length] for s in starts]).astype(np.float32)
   actions, labelled = dynamics_lib.actions_into_frames(
