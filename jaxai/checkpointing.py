@@ -4,7 +4,10 @@ The RNG needs no saving: every step's key is ``fold_in(key(seed), step)``, so re
 restores the randomness. Restoring takes the *current* run's shardings, so a checkpoint written on
 one mesh restores on any other (orbax reshards on load).
 """
+import contextlib
+import logging
 import os
+import sys
 
 import grain
 import jax
@@ -13,6 +16,32 @@ import orbax.checkpoint as ocp
 
 class CheckpointCorrupt(RuntimeError):
   """The latest checkpoint exists but cannot be read back."""
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore():
+  """Keeps a failed restore's report to the one exception it raises.
+
+  When one array read fails, orbax stops waiting while tensorstore still finishes the other reads
+  of the same damaged checkpoint. Each of those then reports itself, before and after our error
+  line: a completion callback on the closed event loop ("Event loop is closed", through
+  ``sys.unraisablehook``), an abandoned read coroutine ("Exception ignored in: <coroutine ...>")
+  or an asyncio "Task exception was never retrieved" log record. After a failure, those reports
+  are dropped until the process exits (the late ones arrive during shutdown).
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _is_closed_loop_callback(u) else previous(u)
+  try:
+    yield
+  except Exception:
+    sys.unraisablehook = lambda u: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    raise
+  sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -46,9 +75,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iterator):
     """Returns the state laid out as ``abstract_state`` (ShapeDtypeStructs with shardings)."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      with _quiet_failed_restore():
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
       raise CheckpointCorrupt(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
                               f"restored: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -87,7 +117,8 @@ def restore_params(directory: str, step: int | None = None) -> tuple[int, dict]:
       tree = manager.item_metadata(step)["state"]
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      with _quiet_failed_restore():
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointCorrupt(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
