@@ -42,7 +42,9 @@ Variants:
            18.06; no-shortcut ablation K = 4: 18.10, K = 64: 17.70; last frame repeated: 20.68;
            tokenizer ceiling 25.68. eval/action_top1 0.41 (chance 0.38, 32 states). With the
            paper's uniform d (bootstrap_fraction=-1) the model lagged far behind at step 400
-           (13.02 vs 17.19 dB). Interactive rollout: 36.7 FPS (K = 4, 32-frame context, decode
+           (13.02 vs 17.19 dB). The model ignores the movement direction and predicts the next
+           frame worse than copying the last one (eval/next_latent_mse 0.088 vs 0.053 for
+           repeat-last, step 1200). Interactive rollout: 36.7 FPS (K = 4, 32-frame context, decode
            included; python -m jaxai.bench.world_model_fps).
   full     accelerators: tokenizer width 768, 8 + 8 layers, 8-frame windows, batch 256; dynamics
            width 1024, 16 layers, 64-frame windows, batch 128:

@@ -12,6 +12,11 @@ compared with the real ones (mean over windows of the per-frame PSNR, then over 
 * ``eval/tokenizer_psnr_future``: the tokenizer's own reconstruction of the future frames, the
   ceiling any rollout decoded by it can reach.
 
+``eval/next_latent_mse`` (K = ``rollout.num_steps``) against ``eval/next_latent_mse_repeat_last``:
+the first imagined frame against the real one in latent space, and the last context frame's
+latents as the prediction. Free of the tokenizer's decoding error, this shows directly whether
+the model predicts the next frame better than a copy of the last one.
+
 ``eval/action_top1``: ``rollout.action_states`` held-out game states are rebuilt in the real game
 (replaying the episode from its world seed) and stepped with each of the 17 actions, giving the
 true next frame of every action. The model, given the 16 preceding real frames, predicts the next
@@ -79,13 +84,18 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
                              method=tokenizer.decode)
     return jnp.clip(frames.reshape(*z.shape[:2], *frames.shape[2:]), 0.0, 1.0)
 
+  def imagine_latents(params, context, actions, labelled, rng, num_steps):
+    return rollout_lib.rollout(model, params, context, actions, rng, num_steps=num_steps,
+                               context_signal=r.context_signal, action_mask=labelled)
+
   def imagine(params, context, actions, labelled, rng, num_steps):
-    latents = rollout_lib.rollout(model, params, context, actions, rng, num_steps=num_steps,
-                                  context_signal=r.context_signal, action_mask=labelled)
-    return np.asarray(decode(latents))
+    return np.asarray(decode(imagine_latents(params, context, actions, labelled, rng, num_steps)))
 
   tokenizer_future = np.asarray(decode(window_latents[:, r.context_frames:]))
+  latent_mse = lambda a, b: float(np.mean((np.asarray(a, np.float32) - b) ** 2))
+  next_latents = window_latents[:, r.context_frames]
   fixed = {
+      "eval/next_latent_mse_repeat_last": latent_mse(context[:, -1], next_latents),
       **_horizon_metrics("eval/tokenizer_psnr_future", frame_psnr(tokenizer_future, future)),
       **_horizon_metrics("eval/rollout_psnr_repeat_last",
                          frame_psnr(np.repeat(frames[:, r.context_frames - 1:r.context_frames] / 255.0,
@@ -98,7 +108,10 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
     metrics = dict(fixed)
     predicted = None
     for num_steps in (r.num_steps, r.baseline_steps):
-      imagined = imagine(params, context, actions, labelled, rng, num_steps)
+      latents = imagine_latents(params, context, actions, labelled, rng, num_steps)
+      imagined = np.asarray(decode(latents))
+      if num_steps == r.num_steps:
+        metrics["eval/next_latent_mse"] = latent_mse(latents[:, 0], next_latents)
       name = "eval/rollout_psnr" if num_steps == r.num_steps else f"eval/rollout_psnr_k{num_steps}"
       metrics.update(_horizon_metrics(name, frame_psnr(imagined, future)))
       predicted = imagined if num_steps == r.num_steps else predicted
