@@ -18,8 +18,25 @@ class CheckpointCorrupt(RuntimeError):
   """The latest checkpoint exists but cannot be read back."""
 
 
-def _is_closed_loop_callback(unraisable) -> bool:
-  return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+def _from_orbax(text: str) -> bool:
+  return f"{os.sep}orbax{os.sep}" in text
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """A report of one of a failed restore's other reads: its completion callback on orbax's closed
+  event loop, or its read coroutine collected unfinished."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and _from_orbax(code.co_filename)
+
+
+class _AbandonedReadTasks(logging.Filter):
+  """asyncio's "Task exception was never retrieved" records of orbax's read tasks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and _from_orbax(message))
 
 
 @contextlib.contextmanager
@@ -30,18 +47,17 @@ def _quiet_failed_restore():
   of the same damaged checkpoint. Each of those then reports itself, before and after our error
   line: a completion callback on the closed event loop ("Event loop is closed", through
   ``sys.unraisablehook``), an abandoned read coroutine ("Exception ignored in: <coroutine ...>")
-  or an asyncio "Task exception was never retrieved" log record. After a failure, those reports
-  are dropped until the process exits (the late ones arrive during shutdown).
+  or an asyncio "Task exception was never retrieved" log record. Those reports, and only those,
+  are dropped; after a failure the filters stay until the process exits, because the late reports
+  arrive during shutdown.
   """
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if _is_closed_loop_callback(u) else previous(u)
-  try:
-    yield
-  except Exception:
-    sys.unraisablehook = lambda u: None
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    raise
-  sys.unraisablehook = previous
+  sys.unraisablehook = lambda u: None if _is_abandoned_read(u) else previous(u)
+  tasks_filter = _AbandonedReadTasks()
+  logging.getLogger("asyncio").addFilter(tasks_filter)
+  yield
+  sys.unraisablehook = previous  # not reached when the restore raised
+  logging.getLogger("asyncio").removeFilter(tasks_filter)
 
 
 class Checkpointer:
