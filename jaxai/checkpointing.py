@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 
 import grain
 import jax
@@ -18,25 +19,22 @@ class CheckpointCorrupt(RuntimeError):
   """The latest checkpoint exists but cannot be read back."""
 
 
-def _from_orbax(text: str) -> bool:
-  return f"{os.sep}orbax{os.sep}" in text
-
-
 def _is_abandoned_read(unraisable) -> bool:
   """A report of one of a failed restore's other reads: its completion callback on orbax's closed
   event loop, or its read coroutine collected unfinished."""
   if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
     return True
   code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and _from_orbax(code.co_filename)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 class _AbandonedReadTasks(logging.Filter):
-  """asyncio's "Task exception was never retrieved" records of orbax's read tasks."""
+  """asyncio's "<Task|Future|_GatheringFuture> exception was never retrieved" records (asyncio's
+  one message for them). The read futures' reprs do not always name orbax, so only the message
+  is matched."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and _from_orbax(message))
+    return not record.getMessage().split("\n", 1)[0].endswith(" exception was never retrieved")
 
 
 @contextlib.contextmanager
@@ -46,17 +44,21 @@ def _quiet_failed_restore():
   When one array read fails, orbax stops waiting while tensorstore still finishes the other reads
   of the same damaged checkpoint. Each of those then reports itself, before and after our error
   line: a completion callback on the closed event loop ("Event loop is closed", through
-  ``sys.unraisablehook``), an abandoned read coroutine ("Exception ignored in: <coroutine ...>")
-  or an asyncio "Task exception was never retrieved" log record. Those reports, and only those,
-  are dropped; after a failure the filters stay until the process exits, because the late reports
-  arrive during shutdown.
+  ``sys.unraisablehook``), an abandoned read coroutine ("Exception ignored in: <coroutine ...>",
+  or at exit a "coroutine ... was never awaited" RuntimeWarning) or an asyncio "... exception was
+  never retrieved" log record. Those reports, and only those, are dropped; after a failure the
+  filters stay until the process exits, because the late reports arrive during shutdown.
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda u: None if _is_abandoned_read(u) else previous(u)
   tasks_filter = _AbandonedReadTasks()
   logging.getLogger("asyncio").addFilter(tasks_filter)
-  yield
-  sys.unraisablehook = previous  # not reached when the restore raised
+  try:
+    yield
+  except Exception:
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    raise
+  sys.unraisablehook = previous
   logging.getLogger("asyncio").removeFilter(tasks_filter)
 
 
