@@ -3,6 +3,7 @@
 A config error is reported as one line ``config error: <field>: <reason>`` (see ``jaxai.main``),
 so every check here names the field that is wrong.
 """
+import json
 import math
 from typing import Sequence
 
@@ -139,3 +140,25 @@ def validate_trainer(config: ml_collections.ConfigDict, num_devices: int) -> tup
   if not 0 <= opt.warmup_steps <= config.total_steps:
     raise ConfigError("optimizer.warmup_steps", f"must be in [0, total_steps={config.total_steps}]")
   return data, fsdp, tensor
+
+
+# Fields that only say how long and how often a run acts: they never change what a checkpoint holds.
+RUN_CONTROL_FIELDS = ("max_steps_per_run", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every")
+
+
+def changed_fields(saved: dict, config: ml_collections.ConfigDict, limit: int = 4) -> list[str]:
+  """``"field: saved -> now"`` for the leaves of ``config`` that differ from ``saved`` (a run's
+  config.json), run-control fields aside, at most ``limit`` of them: to name what a checkpoint of
+  another config holds."""
+  def leaves(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+  before = dict(leaves(saved))
+  now = dict(leaves(json.loads(config.to_json_best_effort())))
+  changed = [f"{k}: {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
+             for k in sorted(set(before) | set(now))
+             if before.get(k) != now.get(k) and k not in RUN_CONTROL_FIELDS]
+  return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])

@@ -115,6 +115,16 @@ def _check_finite(step: int, step_metrics: dict, ckpt: checkpointing.Checkpointe
   return values
 
 
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Why a checkpoint may not fit this run: the fields changed since the run's config.json."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      changed = config_lib.changed_fields(json.load(f), config)
+  except (OSError, ValueError):
+    return ""
+  return f" (this config differs from the checkpoint's config.json in {'; '.join(changed)})" if changed else ""
+
+
 def train(task: Task, workdir: str) -> dict:
   """Trains (or resumes) ``task`` in ``workdir``; returns the last logged metrics."""
   config = task.config
@@ -143,7 +153,11 @@ def train(task: Task, workdir: str) -> dict:
     data_iter = iter(task.make_data(jax.process_index(), jax.process_count()))
     start_step = ckpt.latest_step() or 0
     if start_step:
-      state = ckpt.restore(start_step, checkpointing.abstract_like(abstract_state, state_shardings), data_iter)
+      try:
+        state = ckpt.restore(start_step, checkpointing.abstract_like(abstract_state, state_shardings),
+                             data_iter)
+      except checkpointing.CheckpointCorrupt as e:
+        raise checkpointing.CheckpointCorrupt(f"{e}{_config_changes(workdir, config)}") from e
       print(f"resumed from {ckpt.directory}/{start_step}", file=sys.stderr, flush=True)
     else:
       state = jax.jit(lambda r: nn.unbox(init_boxed_state(r)), out_shardings=state_shardings)(init_rng)

@@ -57,3 +57,17 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("checkpoint error: checkpoint ") and "/2 cannot be restored" \
       in lines[0], result.stderr[-2000:]
   assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_checkpoint_of_another_config_names_the_changed_fields(tmp_path):
+  assert run_main(["--config=configs/lm.py:tiny", f"--workdir={tmp_path}",
+                   "--config.max_steps_per_run=2", "--config.checkpoint_every=2"], devices=1).returncode == 0
+  before = snapshot(tmp_path)
+  result = run_main(["--config=configs/lm.py:tiny", f"--workdir={tmp_path}", "--config.model.mlp_hidden=96"],
+                    devices=1)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("checkpoint error: checkpoint "), result.stderr[-2000:]
+  assert lines[0].endswith("(this config differs from the checkpoint's config.json in "
+                           "model.mlp_hidden: 128 -> 96)"), lines[0]
+  assert snapshot(tmp_path) == before

@@ -46,12 +46,17 @@ def _frame_inputs(key, b, t):
   return latents, tau, step, actions, labelled
 
 
-@pytest.fixture(scope="module", name="model_and_params", params=["factorised", "full"])
+@pytest.fixture(scope="module", name="model_and_params",
+                params=["factorised", "full", "factorised+previous_frame"])
 def fixture_model_and_params(request):
-  """Both layouts: space/time layers, and block-causal attention over all tokens in every layer."""
-  model = dynamics.Dynamics(dataclasses.replace(CONFIG, layout=request.param))
-  params = fast_jit(model.init)(jax.random.key(0), *frame_inputs(0))["params"]
-  return model, nn.unbox(params)
+  """Both layouts: space/time layers, and block-causal attention over all tokens in every layer;
+  and the factorised one reading the previous frame directly."""
+  layout, _, previous_frame = request.param.partition("+")
+  model = dynamics.Dynamics(dataclasses.replace(CONFIG, layout=layout, previous_frame=bool(previous_frame)))
+  params = nn.unbox(fast_jit(model.init)(jax.random.key(0), *frame_inputs(0))["params"])
+  if previous_frame:  # the copy gate starts at 0; a trained one is not, and must keep causality too
+    params["copy_gate"] = jax.random.normal(jax.random.key(1), params["copy_gate"].shape)
+  return model, params
 
 
 @pytest.fixture(scope="module", name="apply")
@@ -93,6 +98,20 @@ def test_single_image_sequences_predict_each_frame_as_if_alone(apply):
     alone = apply(*(x[:1, t:t + 1] for x in (latents, tau, step, actions, labelled)))
     np.testing.assert_allclose(got[:1, t:t + 1], alone, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[1:], apply(latents, tau, step, actions, labelled)[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_previous_frame_output_adds_the_gated_previous_latents_times_one_minus_tau():
+  model = dynamics.Dynamics(dataclasses.replace(CONFIG, previous_frame=True))
+  latents, tau, step, actions, labelled = frame_inputs(4)
+  params = nn.unbox(fast_jit(model.init)(jax.random.key(0), latents, tau, step, actions)["params"])
+  gate = jax.random.normal(jax.random.key(1), params["copy_gate"].shape)
+  apply = fast_jit(lambda p: model.apply({"params": p}, latents, tau, step, actions, labelled))
+  copied = apply({**params, "copy_gate": gate}) - apply({**params, "copy_gate": jnp.zeros_like(gate)})
+  tau = np.asarray(tau)
+  level = np.clip(np.round(tau * K_MAX), 0, K_MAX - 1).astype(int)  # frame t - 1's level
+  expected = ((1 - tau[:, 1:]) * np.asarray(gate)[level[:, :-1]])[..., None, None] * np.asarray(latents[:, :-1])
+  np.testing.assert_allclose(copied[:, 1:], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(copied[:, 0], 0.0)  # no previous frame
 
 
 def test_actions_into_frames_shifts_by_one_and_unlabels_episode_starts():
@@ -182,6 +201,25 @@ def test_sampler_with_a_bootstrap_fraction_gives_the_rest_d_min():
   level = tau * steps_per_unit
   np.testing.assert_allclose(level, np.round(level), atol=1e-6)
   assert len(np.unique(tau[steps_per_unit == K_MAX])) == K_MAX
+
+
+def test_context_frames_are_a_fraction_at_rollout_signal_levels_and_d_min():
+  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
+  tau, step = sample(jax.random.key(2), (64, 64), K_MAX, 0.25)
+  mixed = jax.jit(functools.partial(shortcut_forcing.with_context_frames, fraction=0.5,
+                                    context_signal=0.7, k_max=K_MAX))
+  new_tau, new_step = map(np.asarray, mixed(jax.random.key(3), tau, step))
+  tau, step = np.asarray(tau), np.asarray(step)
+  redrawn = (new_tau != tau) | (new_step != step)
+  kept = ~redrawn
+  np.testing.assert_array_equal(new_tau[kept], tau[kept])
+  # A redrawn frame may land on its old (tau, d), which happens for ~1/8 of the d_min frames with
+  # tau >= 0.7: so about 0.5 - 0.5 * (3/4 * 2/8) * (1/2) of the frames differ (binomial sd ~0.008).
+  assert abs(np.mean(redrawn) - (0.5 - 0.5 * 0.75 * 0.25 * 0.5)) < 0.03
+  assert np.all(new_step[redrawn] == 1 / K_MAX)
+  # The grid levels at or above 0.7 for K_max = 8 are 6/8 and 7/8, each about half of the time.
+  assert set(np.unique(new_tau[redrawn] * K_MAX)) == {6, 7}
+  assert abs(np.mean(new_tau[redrawn] == 6 / K_MAX) - 0.5) < 0.05
 
 
 def toy_predictor(theta):

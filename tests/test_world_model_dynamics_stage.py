@@ -74,7 +74,8 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
   final = rows[-1]
   for key in ("eval/rollout_psnr", "eval/rollout_psnr_k8", "eval/rollout_psnr_repeat_last",
               "eval/tokenizer_psnr_future", "eval/rollout_psnr_h1", "eval/action_top1",
-              "eval/action_top1_chance", "eval/next_latent_mse", "eval/next_latent_mse_repeat_last"):
+              "eval/action_top1_chance", "eval/next_latent_mse", "eval/next_latent_mse_k1",
+              "eval/next_latent_mse_repeat_last"):
     assert key in final, key
   assert 0.0 <= final["eval/action_top1"] <= 1.0 and final["eval/action_states"] == 2
   assert os.path.exists(workdir / "dynamics" / "rollout_step_6.png")

@@ -240,6 +240,8 @@ def test_tiny_training_lowers_the_loss_and_reports_psnr(tmp_path):
      "dynamics.short_window_len"),
     (dict(stage="all", data=dict(source="craftax"), dynamics=dict(bootstrap_fraction=1.5)),
      "dynamics.bootstrap_fraction"),
+    (dict(stage="all", data=dict(source="craftax"), dynamics=dict(context_fraction=1.0)),
+     "dynamics.context_fraction"),
     (dict(stage="all", data=dict(source="craftax"), rollout=dict(num_steps=3)), "rollout.num_steps"),
     (dict(stage="all", data=dict(source="craftax"), rollout=dict(horizon=8)), "rollout.horizon"),
     (dict(tokenizer=dict(num_latents=64, latent_channels=16)), "tokenizer.latent_channels"),

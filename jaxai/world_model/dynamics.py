@@ -29,9 +29,21 @@ layer attends block-causally over the flattened sequence of all T * F tokens ins
 Single images. A per-sequence flag ``single_image`` restricts its time layers to the frame itself,
 so each frame is denoised with no context (the paper trains 30% of sequences so).
 
+Previous frame (``previous_frame``, not in the paper). Off, copying the last frame, the strongest
+baseline of next-frame prediction here, takes many steps to learn: each spatial slot can reach
+its own past only through the few time layers' softmax over all past frames. On, frame t also
+reads frame t - 1's noisy latents (a projection added to its spatial tokens), and the output gets
+two skips, as diffusion models precondition theirs (EDM's c_skip): tau z_t + (1 - tau) g z_{t-1},
+tau being frame t's signal level and g a learned gate per signal level of frame t - 1 that starts
+at that level. So at tau = 0 (a new frame) the prior is a copy of the previous frame, near tau = 1
+the frame itself, and the network predicts the change. Scaling the copy by 1 - tau keeps the
+nearly clean frames, most of the ramp-weighted loss, from pulling the gate down. Frame t - 1 comes
+from the same input sequence (or, in a rollout, from the cache), so causality is unchanged.
+
 KV cache. Only time layers need one (space layers see the current frame only): ``init_cache``
 makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequences (layout
-``full``: one per layer over ``B`` sequences of ``T * F`` tokens), and
+``full``: one per layer over ``B`` sequences of ``T * F`` tokens), plus the last cached frame's
+noisy latents and signal level for ``previous_frame``, and
 ``Dynamics(...)(..., cache=cache)`` treats its frames as the next ones after those cached,
 returning ``(prediction, updated cache)``.
 
@@ -66,6 +78,9 @@ class DynamicsConfig:
   layout: str = "factorised"  # factorised (space layers + a time layer every time_every) | full
   shortcut: bool = True  # False: trained at d = d_min only (plain diffusion forcing)
   bootstrap_fraction: float | None = None  # frames with d > d_min; None: d uniform (the paper)
+  previous_frame: bool = False  # frame t also reads frame t - 1 directly (not in the paper)
+  context_fraction: float = 0.0  # frames trained as rollout context (not in the paper)
+  context_signal: float = 0.9  # their lowest signal level: the rollout's context_signal
   token_init_scale: float = 0.02
 
   def __post_init__(self):
@@ -133,15 +148,19 @@ def actions_into_frames(actions: jax.Array, is_first: jax.Array) -> tuple[jax.Ar
   return previous, labelled
 
 
-def init_cache(config: DynamicsConfig, batch: int, max_frames: int) -> list[dict]:
-  """One empty KV cache per layer that attends over time (``num_cached_layers``)."""
+def init_cache(config: DynamicsConfig, batch: int, max_frames: int) -> dict:
+  """An empty cache: ``layers``, one KV cache per layer that attends over time
+  (``num_cached_layers``), and the last frame written (``previous_latents`` [B, N, C],
+  ``previous_level`` [B], its signal index; K_max: no frame yet)."""
   b = config.block
   if config.layout == "full":
     sequences, length = batch, max_frames * config.tokens_per_frame
   else:
     sequences, length = batch * config.tokens_per_frame, max_frames
-  return [attention.init_kv_cache(sequences, length, b.num_kv_heads, b.head_dim, b.dtype)
-          for _ in range(config.num_cached_layers)]
+  return {"layers": [attention.init_kv_cache(sequences, length, b.num_kv_heads, b.head_dim, b.dtype)
+                     for _ in range(config.num_cached_layers)],
+          "previous_latents": jnp.zeros((batch, config.num_latents, config.latent_channels), jnp.float32),
+          "previous_level": jnp.full((batch,), config.k_max, jnp.int32)}
 
 
 def _single_image_mask(single_image, frame_size, repeat, q_len, kv_len, q_offset):
@@ -154,6 +173,13 @@ def _single_image_mask(single_image, frame_size, repeat, q_len, kv_len, q_offset
   own_frame = q_frame[:, None] == (jnp.arange(kv_len) // frame_size)[None, :]
   mask = own_frame | ~single_image[:, None, None]  # [B, q_len, kv_len]
   return jnp.repeat(mask, repeat, axis=0)[:, None, None]
+
+
+def _signal_levels(key, shape, dtype=jnp.float32):
+  """[K_max + 1]: the signal level of each index, and 0 for the last one (no previous frame)."""
+  del key
+  k_max = shape[0] - 1
+  return jnp.concatenate([jnp.arange(k_max) / k_max, jnp.zeros(1)]).astype(dtype)
 
 
 class Dynamics(nn.Module):
@@ -187,12 +213,22 @@ class Dynamics(nn.Module):
                      for i in range(c.num_layers)]
     self.out_norm = layers.RMSNorm(dtype=jnp.float32)
     self.latent_out = layers.Dense(c.values_per_token, ("embed", None), dtype=jnp.float32)
+    if c.previous_frame:
+      self.previous_in = layers.Dense(width, (None, "embed"), dtype=c.block.dtype)
+      # Per signal level of frame t - 1 (index K_max: none), how much of it the output copies.
+      # It starts at the level tau itself: Adam moves a parameter by ~lr per step, so from 0 the
+      # copy would take hundreds of steps to open.
+      self.copy_gate = self.param("copy_gate", layers.partitioned(_signal_levels, (None,)),
+                                  (c.k_max + 1,), jnp.float32)
 
-  def embed_frames(self, latents, tau, step, actions, action_mask):
-    """[B, T, F, width] fp32 input tokens."""
+  def embed_frames(self, latents, tau, step, actions, action_mask, previous=None):
+    """[B, T, F, width] fp32 input tokens; ``previous``: frame t - 1's latents for frame t."""
     c = self.config
     b, t = latents.shape[:2]
-    spatial = self.latent_in(latents.reshape(b, t, c.spatial_tokens, c.values_per_token)).astype(jnp.float32)
+    regroup = lambda z: z.reshape(b, t, c.spatial_tokens, c.values_per_token)
+    spatial = self.latent_in(regroup(latents)).astype(jnp.float32)
+    if previous is not None:
+      spatial = spatial + self.previous_in(regroup(previous)).astype(jnp.float32)
     registers = jnp.broadcast_to(self.registers, (b, t, *self.registers.shape))
     noise_level = jnp.concatenate([self.signal_embed[signal_index(tau, c.k_max)],
                                    self.step_embed[step_index(step, c.k_max)]], axis=-1)
@@ -204,14 +240,39 @@ class Dynamics(nn.Module):
     b, t = latents.shape[:2]
     if action_mask is None:
       action_mask = jnp.ones((b, t), bool)
-    x = self.embed_frames(latents, tau, step, actions, action_mask)
+    previous, previous_level = self._previous_frames(latents, tau, single_image, cache) \
+        if c.previous_frame else (None, None)
+    x = self.embed_frames(latents, tau, step, actions, action_mask, previous)
+    layer_caches = None if cache is None else cache["layers"]
     if c.layout == "full":
-      x, new_cache = self._full(x, single_image, cache)
+      x, new_layer_caches = self._full(x, single_image, layer_caches)
     else:
-      x, new_cache = self._factorised(x, single_image, cache)
+      x, new_layer_caches = self._factorised(x, single_image, layer_caches)
     out = self.latent_out(self.out_norm(x[:, :, :c.spatial_tokens]))
     out = out.reshape(b, t, c.num_latents, c.latent_channels)
-    return out if cache is None else (out, new_cache)
+    if previous is not None:  # skips: tau z_t + (1 - tau) gate(tau_{t-1}) z_{t-1}, with tau of frame t
+      own = tau.astype(jnp.float32)[..., None, None]
+      out = out + own * latents + (1.0 - own) * self.copy_gate[previous_level][..., None, None] * previous
+    if cache is None:
+      return out
+    return out, {"layers": new_layer_caches, "previous_latents": latents[:, -1].astype(jnp.float32),
+                 "previous_level": signal_index(tau[:, -1], c.k_max)}
+
+  def _previous_frames(self, latents, tau, single_image, cache):
+    """Frame t - 1's noisy latents [B, T, N, C] and signal index [B, T] for every frame t (zeros and
+    index K_max where there is none: a sequence's first frame, single images)."""
+    c = self.config
+    b = latents.shape[0]
+    if cache is None:
+      first, first_level = jnp.zeros_like(latents[:, :1]), jnp.full((b, 1), c.k_max, jnp.int32)
+    else:
+      first, first_level = cache["previous_latents"][:, None], cache["previous_level"][:, None]
+    previous = jnp.concatenate([first.astype(latents.dtype), latents[:, :-1]], axis=1)
+    level = jnp.concatenate([first_level, signal_index(tau[:, :-1], c.k_max)], axis=1)
+    if single_image is not None:
+      previous = jnp.where(single_image[:, None, None, None], 0.0, previous)
+      level = jnp.where(single_image[:, None], c.k_max, level)
+    return previous, level
 
   def _apply_cached(self, block, h, positions, mask, cache, new_cache):
     if cache is None:

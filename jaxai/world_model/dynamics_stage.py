@@ -60,6 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.bootstrap_fraction > 1.0 or (d.bootstrap_fraction < 0 and d.bootstrap_fraction != -1):
     raise config_lib.ConfigError("dynamics.bootstrap_fraction", f"must be in [0, 1], or -1 for the "
                                  f"paper's uniform step sizes, got {d.bootstrap_fraction}")
+  if not 0.0 <= d.context_fraction < 1.0:
+    raise config_lib.ConfigError("dynamics.context_fraction", f"must be in [0, 1), got {d.context_fraction}")
   if not 0.0 <= d.single_image_fraction <= 1.0:
     raise config_lib.ConfigError("dynamics.single_image_fraction",
                                  f"must be in [0, 1], got {d.single_image_fraction}")
@@ -110,7 +112,9 @@ def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
       block=task_lib.block_config(config, d), num_layers=d.num_layers, num_latents=t.num_latents,
       latent_channels=t.latent_channels, spatial_tokens=d.spatial_tokens, num_registers=d.num_registers,
       k_max=d.k_max, time_every=d.time_every, layout=d.layout, shortcut=d.shortcut,
-      bootstrap_fraction=None if d.bootstrap_fraction < 0 else d.bootstrap_fraction))
+      bootstrap_fraction=None if d.bootstrap_fraction < 0 else d.bootstrap_fraction,
+      previous_frame=d.previous_frame, context_fraction=d.context_fraction,
+      context_signal=config.rollout.context_signal))
 
 
 def load_tokenizer(config, workdir: str):

@@ -15,7 +15,10 @@ compared with the real ones (mean over windows of the per-frame PSNR, then over 
 ``eval/next_latent_mse`` (K = ``rollout.num_steps``) against ``eval/next_latent_mse_repeat_last``:
 the first imagined frame against the real one in latent space, and the last context frame's
 latents as the prediction. Free of the tokenizer's decoding error, this shows directly whether
-the model predicts the next frame better than a copy of the last one.
+the model predicts the next frame better than a copy of the last one. A sampler that draws from
+the right distribution has about twice the MSE of the conditional mean (the mean is the MSE
+optimum), so ``eval/next_latent_mse_k1`` also gives the one-step (K = 1) prediction, the model's
+estimate of that mean, which is what a copy competes with.
 
 ``eval/action_top1``: ``rollout.action_states`` held-out game states are rebuilt in the real game
 (replaying the episode from its world seed) and stepped with each of the 17 actions, giving the
@@ -115,6 +118,9 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
       name = "eval/rollout_psnr" if num_steps == r.num_steps else f"eval/rollout_psnr_k{num_steps}"
       metrics.update(_horizon_metrics(name, frame_psnr(imagined, future)))
       predicted = imagined if num_steps == r.num_steps else predicted
+    one_step = imagine_latents(params, context, actions[:, :r.context_frames + 1],
+                               labelled[:, :r.context_frames + 1], rng, 1)
+    metrics["eval/next_latent_mse_k1"] = latent_mse(one_step[:, 0], next_latents)
     if action_states is not None:
       metrics.update(_action_top1(params, action_states, imagine, rng, r.num_steps))
     _write_strip(os.path.join(out_dir, f"rollout_step_{step}.png"), future[:2], predicted[:2])

@@ -19,6 +19,8 @@ pass's context: the price of one pass instead of one per frame, and still a cont
 trains on (each context frame is a sample at its own grid signal level). Frames with d = d_min
 keep (z_tau, tau, d) in both passes: their half steps are not used and d_min / 2 is off the grid.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -43,6 +45,24 @@ def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int,
     num_steps = jnp.where(bootstrap, 2 ** jax.random.randint(step_rng, shape, 0, levels - 1), k_max)
   tau = jax.random.randint(tau_rng, shape, 0, num_steps) / num_steps
   return tau.astype(jnp.float32), (1.0 / num_steps).astype(jnp.float32)
+
+
+def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, fraction: float,
+                        context_signal: float, k_max: int) -> tuple[jax.Array, jax.Array]:
+  """Redraws a ``fraction`` of the frames as rollout-like context: d = d_min and tau uniform on the
+  grid in [context_signal, 1).
+
+  Not in the paper. With tau independent and uniform per frame, a frame's predecessor is as clean
+  as a rollout's context (signal >= 0.9) for only 10% of the frames, so the next-frame prediction
+  that rollouts ask for (clean context, noisy new frame) gets little training signal; see the
+  config docstring for what it changes.
+  """
+  context_rng, tau_rng = jax.random.split(rng)
+  is_context = jax.random.uniform(context_rng, tau.shape) < fraction
+  lowest = min(int(math.ceil(context_signal * k_max - 1e-6)), k_max - 1)
+  context_tau = jax.random.randint(tau_rng, tau.shape, lowest, k_max) / k_max
+  return (jnp.where(is_context, context_tau, tau).astype(jnp.float32),
+          jnp.where(is_context, 1.0 / k_max, step).astype(jnp.float32))
 
 
 def sample_tau_at_d_min(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> tuple[jax.Array, jax.Array]:
@@ -122,11 +142,14 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   b, t = z_clean.shape[:2]
   action_mask = batch.get("action_mask", jnp.ones((b, t), bool))
   frame_mask = batch.get("frame_mask", jnp.ones((b, t), jnp.float32)).astype(jnp.float32)
-  tau_rng, noise_rng, image_rng = jax.random.split(rng, 3)
+  tau_rng, noise_rng, image_rng, context_rng = jax.random.split(rng, 4)
   if c.shortcut:
     tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max, c.bootstrap_fraction)
   else:
     tau, step = sample_tau_at_d_min(tau_rng, (b, t), c.k_max)
+  if c.context_fraction > 0:
+    tau, step = with_context_frames(context_rng, tau, step, fraction=c.context_fraction,
+                                    context_signal=c.context_signal, k_max=c.k_max)
   noise = jax.random.normal(noise_rng, z_clean.shape, jnp.float32)
   single_image = (sample_single_image(image_rng, b, single_image_fraction)
                   if single_image_fraction > 0 else None)
