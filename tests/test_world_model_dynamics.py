@@ -217,7 +217,7 @@ def test_context_frames_are_a_fraction_at_rollout_signal_levels_and_d_min():
   # tau >= 0.7: so about 0.5 - 0.5 * (3/4 * 2/8) * (1/2) of the frames differ (binomial sd ~0.008).
   assert abs(np.mean(redrawn) - (0.5 - 0.5 * 0.75 * 0.25 * 0.5)) < 0.03
   assert np.all(new_step[redrawn] == 1 / K_MAX)
-  # The grid levels at or above 0.7 for K_max = 8 are 6/8 and 7/8, each about half of the time.
+  # From the level nearest 0.7 (6/8, where rollouts put their context) up: 6/8 and 7/8, each about half the time.
   assert set(np.unique(new_tau[redrawn] * K_MAX)) == {6, 7}
   assert abs(np.mean(new_tau[redrawn] == 6 / K_MAX) - 0.5) < 0.05
 

@@ -80,7 +80,7 @@ class DynamicsConfig:
   bootstrap_fraction: float | None = None  # frames with d > d_min; None: d uniform (the paper)
   previous_frame: bool = False  # frame t also reads frame t - 1 directly (not in the paper)
   context_fraction: float = 0.0  # frames trained as rollout context (not in the paper)
-  context_signal: float = 0.9  # their lowest signal level: the rollout's context_signal
+  context_signal: float = 0.9  # their lowest signal level, on the grid as rollouts put their context
   token_init_scale: float = 0.02
 
   def __post_init__(self):

@@ -29,11 +29,8 @@ from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import shortcut_forcing
 
 
-def context_signal_level(context_signal: float, k_max: int) -> float:
-  """The trained signal level nearest ``context_signal``: tau is embedded on {0, ..., 1 - 1/K_max}."""
-  if not 0.0 <= context_signal <= 1.0:
-    raise ValueError(f"context_signal must be in [0, 1], got {context_signal}")
-  return min(round(context_signal * k_max), k_max - 1) / k_max
+# Shared with training's context frames (shortcut_forcing.with_context_frames).
+context_signal_level = shortcut_forcing.context_signal_level
 
 
 def _check_num_steps(num_steps: int, k_max: int):

@@ -19,8 +19,6 @@ pass's context: the price of one pass instead of one per frame, and still a cont
 trains on (each context frame is a sample at its own grid signal level). Frames with d = d_min
 keep (z_tau, tau, d) in both passes: their half steps are not used and d_min / 2 is off the grid.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -47,10 +45,17 @@ def sample_tau_and_step(rng: jax.Array, shape: tuple[int, ...], k_max: int,
   return tau.astype(jnp.float32), (1.0 / num_steps).astype(jnp.float32)
 
 
+def context_signal_level(context_signal: float, k_max: int) -> float:
+  """The trained signal level nearest ``context_signal``: tau is embedded on {0, ..., 1 - 1/K_max}."""
+  if not 0.0 <= context_signal <= 1.0:
+    raise ValueError(f"context_signal must be in [0, 1], got {context_signal}")
+  return min(round(context_signal * k_max), k_max - 1) / k_max
+
+
 def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, fraction: float,
                         context_signal: float, k_max: int) -> tuple[jax.Array, jax.Array]:
   """Redraws a ``fraction`` of the frames as rollout-like context: d = d_min and tau uniform on the
-  grid in [context_signal, 1).
+  grid from the level rollouts give their context (``context_signal_level``) up to 1 - 1/K_max.
 
   Not in the paper. With tau independent and uniform per frame, a frame's predecessor is as clean
   as a rollout's context (signal >= 0.9) for only 10% of the frames, so the next-frame prediction
@@ -59,7 +64,7 @@ def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, frac
   """
   context_rng, tau_rng = jax.random.split(rng)
   is_context = jax.random.uniform(context_rng, tau.shape) < fraction
-  lowest = min(int(math.ceil(context_signal * k_max - 1e-6)), k_max - 1)
+  lowest = round(context_signal_level(context_signal, k_max) * k_max)
   context_tau = jax.random.randint(tau_rng, tau.shape, lowest, k_max) / k_max
   return (jnp.where(is_context, context_tau, tau).astype(jnp.float32),
           jnp.where(is_context, 1.0 / k_max, step).astype(jnp.float32))
