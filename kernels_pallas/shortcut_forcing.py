@@ -36,7 +36,7 @@ class BlockSizes:
   block_features: int = 1024
 
 
-def _ramp_weight(tau):
+def ramp_weight(tau):
   return 0.9 * tau + 0.1
 
 
@@ -68,7 +68,7 @@ def _fwd_kernel(pred_ref, z_clean_ref, z_noisy_ref, half1_ref, half2_ref, tau_re
 
   sum_sq = lax.fori_loop(0, pred_ref.shape[1] // block_features, body,
                          jnp.zeros(tau.shape, jnp.float32))
-  loss_ref[...] = sum_sq / num_features * _ramp_weight(tau) * mask_ref[...]
+  loss_ref[...] = sum_sq / num_features * ramp_weight(tau) * mask_ref[...]
 
 
 def _bwd_kernel(pred_ref, z_clean_ref, z_noisy_ref, half1_ref, half2_ref, tau_ref, d_ref,
@@ -76,7 +76,7 @@ def _bwd_kernel(pred_ref, z_clean_ref, z_noisy_ref, half1_ref, half2_ref, tau_re
   tau, d = tau_ref[...], d_ref[...]
   refs = (pred_ref, z_clean_ref, z_noisy_ref, half1_ref, half2_ref)
   # d(mean e^2)/d pred = 2 e / num_features, since de/dpred = 1.
-  frame_scale = (2.0 / num_features * _ramp_weight(tau) * mask_ref[...] * dloss_ref[...])[:, None]
+  frame_scale = (2.0 / num_features * ramp_weight(tau) * mask_ref[...] * dloss_ref[...])[:, None]
 
   def body(chunk, _):
     error = _chunk_error(refs, tau, d, chunk, d_min=d_min, block_features=block_features)
@@ -201,4 +201,4 @@ def reference_shortcut_forcing_loss(pred, z_clean, z_noisy, pred_half1, pred_hal
   b2 = (half2 - z_mid) / (1 - (tau_ + d_ / 2))
   v_loss = jnp.mean(((pred - z_noisy) / (1 - tau_) - (b1 + b2) / 2) ** 2, axis=(2, 3))
   loss = jnp.where(d <= d_min * (1 + _D_MIN_RTOL), x_loss, (1 - tau) ** 2 * v_loss)
-  return loss * _ramp_weight(tau) * frame_mask
+  return loss * ramp_weight(tau) * frame_mask

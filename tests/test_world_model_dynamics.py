@@ -162,6 +162,28 @@ def test_cached_rollout_equals_uncached_rollout(model_and_params):
   assert not np.allclose(both(actions.at[:, 2:].add(1))[0], cached, atol=1e-4)
 
 
+def test_a_call_that_commits_its_first_frame_leaves_the_cache_as_if_only_that_frame_ran(model_and_params):
+  """What rollouts do: the last frame is written together with the next frame's first pass."""
+  model, params = model_and_params
+  latents, tau, step, actions, labelled = frame_inputs(8, t=4)
+  apply = lambda *args, **kwargs: model.apply({"params": params}, *args, **kwargs)
+
+  @fast_jit
+  def cached_then_uncached():
+    frames = lambda lo, hi: (latents[:, lo:hi], tau[:, lo:hi], step[:, lo:hi], actions[:, lo:hi],
+                             labelled[:, lo:hi])
+    _, cache = apply(*frames(0, 1), cache=dynamics.init_cache(model.config, B, 4))
+    # Frames 1 and 2 in one call, keeping only frame 1; then frame 3 (frame 2 never happened).
+    _, cache = apply(*frames(1, 3), cache=cache, commit=1)
+    inputs = [jnp.concatenate([x[:, :2], x[:, 3:]], axis=1) for x in (latents, tau, step, actions, labelled)]
+    return apply(*frames(3, 4), cache=cache)[0], apply(*inputs)[:, 2:]
+
+  cached, uncached = cached_then_uncached()
+  np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="commit=0"):
+    apply(*frame_inputs(8, t=2), cache=dynamics.init_cache(model.config, B, 4), commit=0)
+
+
 def test_rollout_settings_are_checked(model_and_params):
   assert rollout.context_signal_level(0.9, 64) == 58 / 64  # nearest level on the 1/K_max grid
   assert rollout.context_signal_level(1.0, 8) == 7 / 8  # the cleanest level trained
@@ -169,6 +191,9 @@ def test_rollout_settings_are_checked(model_and_params):
     rollout._check_num_steps(3, 8)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="power of two"):
     rollout._check_num_steps(16, 8)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="at least one context frame"):
+    rollout.rollout(*model_and_params, jnp.zeros((1, 0, N, C)), jnp.zeros((1, 2), jnp.int32),
+                    jax.random.key(0))
   with pytest.raises(ValueError, match="extend past the context"):
     rollout.rollout_uncached(*model_and_params, jnp.zeros((1, 3, N, C)), jnp.zeros((1, 3), jnp.int32),
                              jax.random.key(0))
@@ -220,6 +245,28 @@ def test_context_frames_are_a_fraction_at_rollout_signal_levels_and_d_min():
   # From the level nearest 0.7 (6/8, where rollouts put their context) up: 6/8 and 7/8, each about half the time.
   assert set(np.unique(new_tau[redrawn] * K_MAX)) == {6, 7}
   assert abs(np.mean(new_tau[redrawn] == 6 / K_MAX) - 0.5) < 0.05
+
+
+def test_next_frames_are_pure_noise_after_a_rollout_context_frame():
+  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
+  tau, step = sample(jax.random.key(4), (64, 64), K_MAX, 0.25)
+  redraw = jax.jit(functools.partial(shortcut_forcing.with_next_frames, fraction=0.3,
+                                     context_signal=0.7, k_max=K_MAX))
+  new_tau, new_step, is_next = map(np.asarray, redraw(jax.random.key(5), tau, step))
+  tau, step = np.asarray(tau), np.asarray(step)
+  is_context = np.pad(is_next[:, 1:], ((0, 0), (0, 1)))
+  # Drawn with probability 0.3 and kept unless the predecessor was drawn too: 0.3 x 0.7 of the
+  # frames after the first (binomial sd ~0.0064 over 4032 frames).
+  assert not is_next[:, 0].any()
+  assert abs(np.mean(is_next[:, 1:]) - 0.3 * 0.7) < 0.02
+  assert not (is_next & is_context).any()  # never two in a row
+  assert np.all(new_tau[is_next] == 0.0) and np.all(new_step[is_next] == 1 / K_MAX)
+  # Their predecessors sit where rollouts put their context: levels 6/8 and 7/8 at d_min.
+  assert set(np.unique(new_tau[is_context] * K_MAX)) == {6, 7}
+  assert np.all(new_step[is_context] == 1 / K_MAX)
+  others = ~is_next & ~is_context
+  np.testing.assert_array_equal(new_tau[others], tau[others])
+  np.testing.assert_array_equal(new_step[others], step[others])
 
 
 def toy_predictor(theta):
@@ -334,6 +381,29 @@ def test_dynamics_loss_and_grads_agree_with_xla_and_pallas_kernels():
     np.testing.assert_allclose(pallas_metrics[name], value, rtol=1e-5, err_msg=name)
   for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(pallas_grads)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_next_frames_weigh_one_in_the_loss_and_the_others_the_ramp():
+  """Plain diffusion forcing (x-space loss only) with next frames: the loss is the mean over frames
+  of w * |f(z_tau) - z1|^2 / features, w = 1 at the next frames (tau = 0) and 0.9 tau + 0.1 elsewhere."""
+  model, batch, params = small_model_batch_and_params()
+  model = dynamics.Dynamics(dataclasses.replace(model.config, shortcut=False, next_frame_fraction=0.5))
+  key = jax.random.key(3)
+  loss, metrics = fast_jit(lambda p: shortcut_forcing.dynamics_loss(model, p, batch, key))(params)
+  # The draws dynamics_loss makes from its key: (tau, noise, single images, context, next frames).
+  tau_key, noise_key, _, _, next_key = jax.random.split(key, 5)
+  tau, step = shortcut_forcing.sample_tau_at_d_min(tau_key, (B, T), K_MAX)
+  tau, step, is_next = shortcut_forcing.with_next_frames(next_key, tau, step, fraction=0.5,
+                                                         context_signal=0.9, k_max=K_MAX)
+  assert is_next.any() and not is_next.all()
+  z1 = batch["latents"]
+  z_tau = shortcut_forcing.corrupt(z1, jax.random.normal(noise_key, z1.shape), tau)
+  predicted = fast_jit(lambda p: model.apply({"params": p}, z_tau, tau, step, batch["actions"],
+                                             batch["action_mask"]))(params)
+  mse = np.mean((np.asarray(predicted) - np.asarray(z1)) ** 2, axis=(2, 3))
+  weight = np.where(is_next, 1.0, 0.9 * np.asarray(tau) + 0.1)
+  np.testing.assert_allclose(loss, np.mean(weight * mse), rtol=1e-5)
+  np.testing.assert_allclose(metrics["next_frame_mse"], mse[np.asarray(is_next)].mean(), rtol=1e-5)
 
 
 def test_a_few_optimizer_steps_lower_the_dynamics_loss():

@@ -83,13 +83,14 @@ def test_sliding_window_keeps_playing(models):
   world = realtime.ImaginedWorld(*models, num_steps=1, context_signal=0.9, max_context_frames=4)
   frames, actions = _context(1, 3, 3)
   world.start(frames, actions, seed=0)
-  capacity = world.cache["layers"][0]["key"].shape[1]
+  capacity = world.state["cache"]["layers"][0]["key"].shape[1]
   held = []
   for action in range(7):
     frame = world.step(action)
     assert frame.shape == FRAME and frame.dtype == np.uint8
     held.append(world.cached_frames)
-    assert int(world.cache["layers"][0]["index"]) == world.cached_frames <= capacity == 4  # factorised: frames
+    # Factorised: the index counts frames; the pending frame is not in the cache yet.
+    assert int(world.state["cache"]["layers"][0]["index"]) + 1 == world.cached_frames <= capacity == 4
   # 3 context frames + 1 fills the cache; each later full cache restarts from the last 2 frames.
   assert held == [4, 3, 4, 3, 4, 3, 4]
   with pytest.raises(ValueError, match="max_context_frames"):

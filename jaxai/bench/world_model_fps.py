@@ -7,15 +7,16 @@ With ``--workdir`` the trained tokenizer and dynamics model of that run are time
 parameters of the config's sizes (speed does not depend on the weights), and every line says which.
 Prints one JSON line per measurement, each with the backend, device and the config sizes:
 
-* ``interactive_fps``: ``ImaginedWorld.step`` (K = rollout.num_steps denoising passes, the cache
-  write and the decode to uint8 pixels, one jitted call) after ``--context`` random real frames;
+* ``interactive_fps``: ``ImaginedWorld.step`` (K = rollout.num_steps denoising passes, the first
+  also writing the previous frame to the cache, and the decode to uint8 pixels, one jitted call, in
+  rollout.compute_dtype) after ``--context`` random real frames;
   median over ``--frames`` steps after warm-up. The cache holds context + every step taken, so
   the sliding window never triggers during the timing.
 * ``kv_cache``: ``rollout.rollout`` (KV-cached) against ``rollout.rollout_uncached`` (the whole
   context recomputed at every pass) generating the same ``--rollout_frames`` latent frames (no
   decode) after ``--context`` frames; median over ``--runs`` calls after one warm-up call each.
-* ``train_step_layout``: a jitted value_and_grad of ``shortcut_forcing.dynamics_loss`` on one random
-  batch [dynamics_train.batch_size, dynamics.window_len], for dynamics.layout factorised and full
+* ``train_step_layout``: a jitted value_and_grad of ``shortcut_forcing.dynamics_loss`` (in
+  compute_dtype) on one random batch [dynamics_train.batch_size, dynamics.window_len], for dynamics.layout factorised and full
   (random parameters for both); median over ``--runs`` steps after one warm-up step each.
 
 Ratios are of timings taken in the same run.
@@ -107,6 +108,7 @@ def train_step_layouts(config, *, runs: int) -> dict:
   for layout in ("factorised", "full"):
     layout_config = ml_collections.ConfigDict(config.to_dict())
     layout_config.dynamics.layout = layout
+    layout_config.rollout.compute_dtype = config.compute_dtype  # a training step: training's dtype
     _, _, model, params = realtime.random_world_model(layout_config)
     c = model.config
     keys = jax.random.split(jax.random.key(2), 3)
@@ -120,6 +122,7 @@ def train_step_layouts(config, *, runs: int) -> dict:
     timed[layout] = _median_ms(call, runs)
   return {"factorised_ms": _round(timed["factorised"]), "full_ms": _round(timed["full"]),
           "full_over_factorised": _round(timed["full"] / timed["factorised"]), "batch": [b, t],
+          "compute_dtype": config.compute_dtype,
           "statistic": f"median over {runs} steps"}
 
 
@@ -134,7 +137,8 @@ def measure(config, workdir: str | None, *, frames: int, context: int, rollout_f
     weights = "random init (speed does not depend on the weights)"
   r, d, t = config.rollout, config.dynamics, config.tokenizer
   common = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "num_steps": r.num_steps, "context": context, "compute_dtype": config.compute_dtype,
+            "num_steps": r.num_steps, "context": context,
+            "compute_dtype": dynamics_stage.rollout_config(config).compute_dtype,
             "dynamics": {"width": d.width, "layers": d.num_layers, "layout": d.layout,
                          "time_every": d.time_every, "spatial_tokens": d.spatial_tokens},
             "tokenizer": {"width": t.width, "encoder_layers": t.encoder_layers,

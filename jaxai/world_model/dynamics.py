@@ -45,7 +45,9 @@ makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequenc
 ``full``: one per layer over ``B`` sequences of ``T * F`` tokens), plus the last cached frame's
 noisy latents and signal level for ``previous_frame``, and
 ``Dynamics(...)(..., cache=cache)`` treats its frames as the next ones after those cached,
-returning ``(prediction, updated cache)``.
+returning ``(prediction, updated cache)``; ``commit=n`` keeps only the first n frames in the
+returned cache (the others' entries stay, beyond its index, hidden until overwritten), which lets
+a rollout write the last frame and denoise the next one in the same pass.
 
 Parameters are fp32 with logical axis names; blocks compute in ``config.block.dtype``; the
 residual stream and the output projection stay fp32. Learned tokens start as small random
@@ -81,6 +83,7 @@ class DynamicsConfig:
   previous_frame: bool = False  # frame t also reads frame t - 1 directly (not in the paper)
   context_fraction: float = 0.0  # frames trained as rollout context (not in the paper)
   context_signal: float = 0.9  # their lowest signal level, on the grid as rollouts put their context
+  next_frame_fraction: float = 0.0  # frames trained at tau = 0 after a context frame (not in the paper)
   token_init_scale: float = 0.02
 
   def __post_init__(self):
@@ -183,8 +186,9 @@ def _signal_levels(key, shape, dtype=jnp.float32):
 
 
 class Dynamics(nn.Module):
-  """``(latents, tau, step, actions, action_mask=None, single_image=None, cache=None)`` -> predicted
-  clean latents [B, T, N, C] (fp32), or ``(prediction, cache)`` when a cache is given.
+  """``(latents, tau, step, actions, action_mask=None, single_image=None, cache=None, commit=None)``
+  -> predicted clean latents [B, T, N, C] (fp32), or ``(prediction, cache)`` when a cache is given
+  (holding the first ``commit`` frames of this call; default all).
 
   latents: [B, T, N, C] noisy latents z_tau; tau, step: [B, T] signal level and step size of each
   frame; actions: [B, T] int, the action that led into each frame; action_mask: [B, T] bool, False
@@ -235,7 +239,8 @@ class Dynamics(nn.Module):
     action = self.action_base + jnp.where(action_mask[..., None], self.action_embed[actions], 0.0)
     return jnp.concatenate([spatial, registers, noise_level[:, :, None], action[:, :, None]], axis=2)
 
-  def __call__(self, latents, tau, step, actions, action_mask=None, single_image=None, cache=None):
+  def __call__(self, latents, tau, step, actions, action_mask=None, single_image=None, cache=None,
+               commit=None):
     c = self.config
     b, t = latents.shape[:2]
     if action_mask is None:
@@ -255,8 +260,15 @@ class Dynamics(nn.Module):
       out = out + own * latents + (1.0 - own) * self.copy_gate[previous_level][..., None, None] * previous
     if cache is None:
       return out
-    return out, {"layers": new_layer_caches, "previous_latents": latents[:, -1].astype(jnp.float32),
-                 "previous_level": signal_index(tau[:, -1], c.k_max)}
+    commit = t if commit is None else commit
+    if not 1 <= commit <= t:
+      raise ValueError(f"commit={commit}: must be in [1, {t}] (the frames of this call)")
+    if commit < t:  # the index goes back; the causal mask hides what lies past it
+      per_frame = c.tokens_per_frame if c.layout == "full" else 1
+      new_layer_caches = [dict(layer, index=layer["index"] - (t - commit) * per_frame)
+                          for layer in new_layer_caches]
+    return out, {"layers": new_layer_caches, "previous_latents": latents[:, commit - 1].astype(jnp.float32),
+                 "previous_level": signal_index(tau[:, commit - 1], c.k_max)}
 
   def _previous_frames(self, latents, tau, single_image, cache):
     """Frame t - 1's noisy latents [B, T, N, C] and signal index [B, T] for every frame t (zeros and

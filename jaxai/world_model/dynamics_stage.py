@@ -62,6 +62,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                  f"paper's uniform step sizes, got {d.bootstrap_fraction}")
   if not 0.0 <= d.context_fraction < 1.0:
     raise config_lib.ConfigError("dynamics.context_fraction", f"must be in [0, 1), got {d.context_fraction}")
+  if not 0.0 <= d.next_frame_fraction < 1.0:
+    raise config_lib.ConfigError("dynamics.next_frame_fraction",
+                                 f"must be in [0, 1), got {d.next_frame_fraction}")
   if not 0.0 <= d.single_image_fraction <= 1.0:
     raise config_lib.ConfigError("dynamics.single_image_fraction",
                                  f"must be in [0, 1], got {d.single_image_fraction}")
@@ -75,6 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                  f"{r.horizon} exceeds the trained window_len={d.window_len}")
   if r.context_frames < 1 or r.horizon < 1:
     raise config_lib.ConfigError("rollout.horizon", "context_frames and horizon must be positive")
+  if r.compute_dtype not in ("float32", "bfloat16"):
+    raise config_lib.ConfigError("rollout.compute_dtype", f"must be float32 or bfloat16, got {r.compute_dtype!r}")
   if not 0.0 <= r.context_signal <= 1.0:
     raise config_lib.ConfigError("rollout.context_signal", f"must be in [0, 1], got {r.context_signal}")
   validate_stage_trainer(config)
@@ -114,7 +119,7 @@ def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
       k_max=d.k_max, time_every=d.time_every, layout=d.layout, shortcut=d.shortcut,
       bootstrap_fraction=None if d.bootstrap_fraction < 0 else d.bootstrap_fraction,
       previous_frame=d.previous_frame, context_fraction=d.context_fraction,
-      context_signal=config.rollout.context_signal))
+      context_signal=config.rollout.context_signal, next_frame_fraction=d.next_frame_fraction))
 
 
 def load_tokenizer(config, workdir: str):
@@ -195,8 +200,20 @@ def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
               make_data=make_data, evaluate=evaluate, subdir="dynamics")
 
 
+def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with the compute dtype of rollouts outside training (``rollout.compute_dtype``)."""
+  if not config.rollout.get("compute_dtype") or config.rollout.compute_dtype == config.compute_dtype:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.compute_dtype = config.rollout.compute_dtype
+  return config
+
+
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
-  """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``."""
-  tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
+  """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``,
+  computing in ``rollout.compute_dtype``."""
+  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
+  _, _, tokenizer_params = load_tokenizer(config, workdir)
   _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
-  return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params
+  config = rollout_config(config)
+  return task_lib.make_tokenizer(config), tokenizer_params, make_dynamics(config), dynamics_params

@@ -2,9 +2,10 @@
 
 ``ImaginedWorld.start`` encodes real context frames with the tokenizer (each frame on its own, as
 the tokenizer and the latent cache were trained) and writes them, noised to the context signal
-level as ``rollout.rollout`` does, into a KV cache of the dynamics model. Each ``step(action)``
-is then one jitted call, the cache donated: K denoising passes against the cache and the write of
-the new frame (``rollout.generate_frame``), and the tokenizer's decode to uint8 pixels.
+level as ``rollout.rollout`` does, into a KV cache of the dynamics model (``rollout.prefill``: the
+last one stays pending). Each ``step(action)`` is then one jitted call, the rollout state donated:
+K denoising passes against the cache, the first of which also writes the pending frame
+(``rollout.generate_frame``), and the tokenizer's decode to uint8 pixels.
 
 Sliding window. The cache holds ``max_context_frames`` frames (by default the trained
 ``dynamics.window_len``: RoPE positions past it were never trained). When it is full, a fresh
@@ -48,9 +49,10 @@ def decode_frames(tokenizer, params, latents):
 
 
 @functools.partial(jax.jit, static_argnames=("dynamics", "max_frames", "context_level"))
-def _prefilled_cache(dynamics, params, latents, actions, labelled, noise_key, *, max_frames: int,
+def _prefilled_state(dynamics, params, latents, actions, labelled, noise_key, *, max_frames: int,
                      context_level: float):
-  """A cache of ``max_frames`` frames holding latents [1, T, N, C] noised to ``context_level``."""
+  """The rollout state (a cache of ``max_frames`` frames) after latents [1, T, N, C] noised to
+  ``context_level``."""
   noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
   context = shortcut_forcing.corrupt(latents.astype(jnp.float32), noise,
                                      jnp.full(latents.shape[:2], context_level))
@@ -59,21 +61,22 @@ def _prefilled_cache(dynamics, params, latents, actions, labelled, noise_key, *,
 
 
 @functools.partial(jax.jit, static_argnames=("tokenizer", "dynamics", "num_steps", "context_signal"),
-                   donate_argnames=("cache",))
-def _imagine_frame(tokenizer, dynamics, tokenizer_params, dynamics_params, cache, action, key_data, *,
+                   donate_argnames=("state",))
+def _imagine_frame(tokenizer, dynamics, tokenizer_params, dynamics_params, state, action, key_data, *,
                    num_steps: int, context_signal: float):
-  """All the work of one frame: (latents [N, C], uint8 pixels [H, W, C], cache with the frame)."""
-  latents, cache = rollout.generate_frame(
-      dynamics, dynamics_params, cache, action[None], jnp.ones((1,), bool),
+  """All the work of one frame: (latents [N, C], uint8 pixels [H, W, C], the state after it)."""
+  latents, state = rollout.generate_frame(
+      dynamics, dynamics_params, state, action[None], jnp.ones((1,), bool),
       jax.random.wrap_key_data(key_data), num_steps=num_steps, context_signal=context_signal)
   pixels = tokenizer.apply({"params": tokenizer_params}, latents[:, None], method=tokenizer.decode)
-  return latents[0], to_uint8(pixels[0, 0]), cache
+  return latents[0], to_uint8(pixels[0, 0]), state
 
 
 class ImaginedWorld:
   """A dynamics model played one action at a time: ``start(frames, actions, seed)``, then ``step``.
 
-  ``cache`` is the dynamics KV cache and ``cached_frames`` how many frames it holds (at most
+  ``state`` is the rollout state (``rollout.prefill``: the dynamics KV cache and the pending
+  frame) and ``cached_frames`` how many frames it holds, the pending one included (at most
   ``max_context_frames``).
   """
 
@@ -87,7 +90,7 @@ class ImaginedWorld:
     self.num_steps, self.context_signal = num_steps, context_signal
     self.max_context_frames = max_context_frames
     self.context_level = rollout.context_signal_level(context_signal, dynamics.config.k_max)
-    self.cache = None
+    self.state = None
     self.cached_frames = 0
     # The frames a slide keeps, the last max_context_frames // 2: (clean latents [N, C], action
     # into the frame, labelled).
@@ -116,12 +119,12 @@ class ImaginedWorld:
 
   def step(self, action: int) -> np.ndarray:
     """The next imagined frame, uint8 [H, W, C], after the player takes ``action``."""
-    if self.cache is None:
+    if self.state is None:
       raise RuntimeError("call start() before step()")
     if self.cached_frames == self.max_context_frames:
       self._slide()
-    latents, frame, self.cache = _imagine_frame(
-        self.tokenizer, self.dynamics, self.tokenizer_params, self.dynamics_params, self.cache,
+    latents, frame, self.state = _imagine_frame(
+        self.tokenizer, self.dynamics, self.tokenizer_params, self.dynamics_params, self.state,
         np.int32(action), self._frame_key(self._num_generated), num_steps=self.num_steps,
         context_signal=self.context_signal)
     self._num_generated += 1
@@ -130,7 +133,7 @@ class ImaginedWorld:
     return np.asarray(frame)
 
   def _prefill(self, latents, actions, labelled, noise_key):
-    self.cache = _prefilled_cache(self.dynamics, self.dynamics_params, latents, actions, labelled,
+    self.state = _prefilled_state(self.dynamics, self.dynamics_params, latents, actions, labelled,
                                   noise_key, max_frames=self.max_context_frames,
                                   context_level=self.context_level)
     self.cached_frames = latents.shape[1]
@@ -162,8 +165,10 @@ def from_config(config: ml_collections.ConfigDict, tokenizer, tokenizer_params, 
 
 
 def random_world_model(config: ml_collections.ConfigDict, seed: int = 0):
-  """(tokenizer, params, dynamics, params) of ``config`` at random init: for timings and tests."""
+  """(tokenizer, params, dynamics, params) of ``config`` at random init, computing in
+  ``rollout.compute_dtype``: for timings and tests."""
   from jaxai.world_model import dynamics_stage, task  # pylint: disable=g-import-not-at-top
+  config = dynamics_stage.rollout_config(config)
   tokenizer, dynamics = task.make_tokenizer(config), dynamics_stage.make_dynamics(config)
   c = dynamics.config
   tokenizer_rng, dynamics_rng = jax.random.split(jax.random.key(seed))

@@ -52,6 +52,12 @@ def context_signal_level(context_signal: float, k_max: int) -> float:
   return min(round(context_signal * k_max), k_max - 1) / k_max
 
 
+def _context_levels(rng, shape, context_signal: float, k_max: int) -> jax.Array:
+  """Signal levels uniform on the grid from where rollouts put their context up to 1 - 1/K_max."""
+  lowest = round(context_signal_level(context_signal, k_max) * k_max)
+  return jax.random.randint(rng, shape, lowest, k_max) / k_max
+
+
 def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, fraction: float,
                         context_signal: float, k_max: int) -> tuple[jax.Array, jax.Array]:
   """Redraws a ``fraction`` of the frames as rollout-like context: d = d_min and tau uniform on the
@@ -64,10 +70,32 @@ def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, frac
   """
   context_rng, tau_rng = jax.random.split(rng)
   is_context = jax.random.uniform(context_rng, tau.shape) < fraction
-  lowest = round(context_signal_level(context_signal, k_max) * k_max)
-  context_tau = jax.random.randint(tau_rng, tau.shape, lowest, k_max) / k_max
+  context_tau = _context_levels(tau_rng, tau.shape, context_signal, k_max)
   return (jnp.where(is_context, context_tau, tau).astype(jnp.float32),
           jnp.where(is_context, 1.0 / k_max, step).astype(jnp.float32))
+
+
+def with_next_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, fraction: float,
+                     context_signal: float, k_max: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Redraws frames [B, T] as a rollout's first step: tau = 0 (pure noise) and d = d_min, their
+  predecessor as rollout context (``with_context_frames``' levels). Each frame after the first is
+  drawn with probability ``fraction`` and kept unless its predecessor was drawn too (it would have
+  to be context and pure noise at once): fraction x (1 - fraction) of them. Returns (tau, step,
+  is_next_frame).
+
+  Not in the paper. At tau >~ 0.1 the noisy frame itself already shows where the view moved, so
+  only frames near tau = 0 need the action, and the ramp weight gives them 0.1: the action gets
+  little of the gradient.
+  """
+  next_rng, tau_rng = jax.random.split(rng)
+  drawn = jax.random.uniform(next_rng, tau.shape) < fraction
+  drawn = drawn.at[:, 0].set(False)
+  is_next = drawn & ~jnp.pad(drawn[:, :-1], ((0, 0), (1, 0)))
+  is_context = jnp.pad(is_next[:, 1:], ((0, 0), (0, 1)))
+  context_tau = _context_levels(tau_rng, tau.shape, context_signal, k_max)
+  tau = jnp.where(is_next, 0.0, jnp.where(is_context, context_tau, tau))
+  step = jnp.where(is_next | is_context, 1.0 / k_max, step)
+  return tau.astype(jnp.float32), step.astype(jnp.float32), is_next
 
 
 def sample_tau_at_d_min(rng: jax.Array, shape: tuple[int, ...], k_max: int) -> tuple[jax.Array, jax.Array]:
@@ -147,7 +175,7 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   b, t = z_clean.shape[:2]
   action_mask = batch.get("action_mask", jnp.ones((b, t), bool))
   frame_mask = batch.get("frame_mask", jnp.ones((b, t), jnp.float32)).astype(jnp.float32)
-  tau_rng, noise_rng, image_rng, context_rng = jax.random.split(rng, 4)
+  tau_rng, noise_rng, image_rng, context_rng, next_rng = jax.random.split(rng, 5)
   if c.shortcut:
     tau, step = sample_tau_and_step(tau_rng, (b, t), c.k_max, c.bootstrap_fraction)
   else:
@@ -158,19 +186,29 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   noise = jax.random.normal(noise_rng, z_clean.shape, jnp.float32)
   single_image = (sample_single_image(image_rng, b, single_image_fraction)
                   if single_image_fraction > 0 else None)
+  loss_weight, is_next = frame_mask, None
+  if c.next_frame_fraction > 0:
+    tau, step, is_next = with_next_frames(next_rng, tau, step, fraction=c.next_frame_fraction,
+                                          context_signal=c.context_signal, k_max=c.k_max)
+    if single_image is not None:  # no context to predict from: keep the ramp's weight
+      is_next = is_next & ~single_image[:, None]
+    # Weight 1 instead of the ramp's 0.1 at tau = 0 (the kernel's loss is ramp x loss_weight).
+    loss_weight = frame_mask * jnp.where(is_next, 1.0 / kernel.ramp_weight(0.0), 1.0)
 
   def predict(z_noisy, tau, step):
     return model.apply({"params": params}, z_noisy, tau, step, batch["actions"], action_mask, single_image)
 
-  frame_loss, pred = shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask,
+  frame_loss, pred = shortcut_forcing_loss(predict, z_clean, noise, tau, step, loss_weight,
                                            k_max=c.k_max, impl=c.block.impl, shortcut=c.shortcut)
   masked_mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
   x_space = is_x_space(step, c.k_max) * frame_mask
-  loss = masked_mean(frame_loss, frame_mask)
+  loss = jnp.sum(frame_loss) / jnp.maximum(jnp.sum(frame_mask), 1.0)
   clean_mse = jnp.mean(jnp.square(jax.lax.stop_gradient(pred) - z_clean), axis=(2, 3))
   metrics = {
       "x_space_loss": masked_mean(frame_loss, x_space),
       "bootstrap_loss": masked_mean(frame_loss, frame_mask - x_space),
       "clean_mse": masked_mean(clean_mse, frame_mask),  # distance to the data at every tau and d
   }
+  if is_next is not None:  # the one-step prediction from context and action alone
+    metrics["next_frame_mse"] = masked_mean(clean_mse, is_next * frame_mask)
   return loss, metrics
