@@ -202,7 +202,7 @@ def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
 
 def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config`` with the compute dtype of rollouts outside training (``rollout.compute_dtype``)."""
-  if not config.rollout.get("compute_dtype") or config.rollout.compute_dtype == config.compute_dtype:
+  if config.rollout.compute_dtype == config.compute_dtype:
     return config
   config = ml_collections.ConfigDict(config.to_dict())
   config.compute_dtype = config.rollout.compute_dtype
@@ -212,8 +212,7 @@ def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``,
   computing in ``rollout.compute_dtype``."""
-  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
-  _, _, tokenizer_params = load_tokenizer(config, workdir)
-  _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
   config = rollout_config(config)
-  return task_lib.make_tokenizer(config), tokenizer_params, make_dynamics(config), dynamics_params
+  tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
+  _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
+  return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params
