@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiled (non-interpret) checks of the Pallas kernels on one CUDA GPU: the kernel tests' compiled
-# half (skipped on CPU) against the plain-jnp references, then the kernel benchmark (JSON lines).
+# half (skipped on CPU) against the plain-jnp references, the models' loss and gradients with
+# attention_impl pallas vs xla, then the kernel benchmark (JSON lines).
 #
 #   launch/gpu_kernel_check.sh [OUT_DIR]     # writes OUT_DIR/kernel_tests.log, OUT_DIR/kernel_bench.jsonl
 #
@@ -12,10 +13,13 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-# Interpret-mode cases already run on CPU in CI; here only the compiled ones and the bench smoke test.
+# Interpret-mode cases already run on CPU in CI; here only the compiled ones, the two model-level
+# pallas-vs-xla tests (compiled kernels on GPU) and the bench smoke test.
 # pytest-timeout (if installed): a kernel that hangs fails its test instead of the whole run.
-per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=120)
-timeout 330 python3 -m pytest -q -p no:cacheprovider $per_test -rfE -k "compiled or benchmark" \
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)
+timeout 240 python3 -m pytest -q -p no:cacheprovider $per_test -rfE --durations=8 \
+  -k "compiled or benchmark or xla_and_pallas" \
   tests/test_kernels_block_causal_attention.py tests/test_kernels_shortcut_forcing.py \
-  tests/test_kernels_sparse_topk_attention.py tests/test_bench_kernels.py 2>&1 | tee "$out/kernel_tests.log"
-timeout 200 python3 -m jaxai.bench.kernels 2>&1 | tee "$out/kernel_bench.jsonl"
+  tests/test_kernels_sparse_topk_attention.py tests/test_bench_kernels.py \
+  tests/test_nn.py tests/test_world_model_dynamics.py 2>&1 | tee "$out/kernel_tests.log"
+timeout 240 python3 -m jaxai.bench.kernels 2>&1 | tee "$out/kernel_bench.jsonl"

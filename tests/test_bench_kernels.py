@@ -32,3 +32,18 @@ def test_benchmark_prints_one_json_line_per_measurement(capsys):
 def test_benchmark_rejects_unknown_kernel():
   with pytest.raises(SystemExit):
     bench.main(["--only=flash"])
+
+
+def test_benchmark_times_only_the_chosen_implementations_in_their_order(capsys):
+  bench.main(["--only=block_causal", "--implementations=dense_xla,reference", "--batch=1",
+              "--seq_len=16", "--heads=2", "--kv_heads=1", "--head_dim=16", "--frame_size=4",
+              "--warmup=0", "--runs=1", "--dtype=float32"])
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  timed = [(r["implementation"], r["pass"]) for r in records if "kernel" in r]
+  assert timed == [("dense_xla", "fwd"), ("dense_xla", "fwd+bwd"), ("reference", "fwd"),
+                   ("reference", "fwd+bwd")]
+
+
+def test_benchmark_rejects_unknown_implementation():
+  with pytest.raises(SystemExit):
+    bench.main(["--implementations=cudnn"])

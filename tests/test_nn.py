@@ -92,7 +92,8 @@ def test_block_causal_transformer_block_never_sees_later_frames():
 
 def test_language_model_gives_same_loss_and_grads_with_xla_and_pallas_attention():
   """attention_impl only picks the implementation: the Pallas kernel (interpreted on CPU) and the
-  XLA path must agree on the model's loss and gradients."""
+  XLA path must agree on the model's loss and gradients (full-fp32 matmuls, as the kernel does:
+  a GPU's default TF32 would differ in the XLA attention alone)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxai.tasks import lm  # pylint: disable=g-import-not-at-top
   model_cfg = dict(width=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64,
@@ -104,7 +105,8 @@ def test_language_model_gives_same_loss_and_grads_with_xla_and_pallas_attention(
     model = lm.make_model(config)
     params = nn.unbox(model.init(jax.random.key(1), tokens[:, :-1])["params"])
     loss_fn = lambda p: lm.next_token_loss(model, p, {"tokens": tokens}, None)[0]  # pylint: disable=cell-var-from-loop
-    results.append(jax.value_and_grad(loss_fn)(params))
+    with jax.default_matmul_precision("highest"):
+      results.append(jax.value_and_grad(loss_fn)(params))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

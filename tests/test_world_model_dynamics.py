@@ -368,12 +368,14 @@ def small_model_batch_and_params(impl="xla"):
 
 def test_dynamics_loss_and_grads_agree_with_xla_and_pallas_kernels():
   """attention_impl only picks the implementation: with "pallas" both attentions and the loss run
-  the kernels (interpreted on CPU), and the loss and its gradients must not change."""
+  the kernels (interpreted on CPU), and the loss and its gradients must not change. Full-fp32
+  matmuls, as the kernels do: a GPU's default (TF32) would differ in the XLA attention alone."""
   results = []
   for impl in ("xla", "pallas"):
     model, batch, params = small_model_batch_and_params(impl)
     loss_fn = lambda p: shortcut_forcing.dynamics_loss(model, p, batch, jax.random.key(1))  # pylint: disable=cell-var-from-loop
-    results.append(fast_jit(jax.value_and_grad(loss_fn, has_aux=True))(params))
+    with jax.default_matmul_precision("highest"):
+      results.append(fast_jit(jax.value_and_grad(loss_fn, has_aux=True))(params))
   (xla_loss, xla_metrics), xla_grads = results[0]
   (pallas_loss, pallas_metrics), pallas_grads = results[1]
   np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Times the Pallas kernels against their plain-jnp references and dense XLA attention.
 
   python -m jaxai.bench.kernels [--only=block_causal,sparse_attention,indexer,shortcut]
+      [--implementations=reference,dense_xla,pallas]
       [--batch=2 --seq_len=4096 --heads=16 --kv_heads=4 --head_dim=128 --frame_size=256 ...]
 
 Prints one JSON line per measurement: kernel, implementation (pallas | reference | dense_xla),
@@ -28,6 +29,7 @@ from kernels_pallas import shortcut_forcing as sf
 from kernels_pallas import sparse_topk_attention as dsa
 
 KERNELS = ("block_causal", "sparse_attention", "indexer", "shortcut")
+IMPLEMENTATIONS = ("reference", "dense_xla", "pallas")
 
 CPU_SHAPES = dict(batch=1, seq_len=256, heads=4, kv_heads=2, head_dim=64, frame_size=16,
                   window_frames=None, soft_cap=None, top_k=32, indexer_heads=4, indexer_dim=64,
@@ -171,8 +173,11 @@ def _round(x):
   return float(f"{x:.4g}")
 
 
-def _measure(case, *, backend, warmup, runs):
-  for impl, fn in case.impls.items():
+def _measure(case, *, backend, warmup, runs, implementations):
+  for impl in implementations:
+    if impl not in case.impls:
+      continue
+    fn = case.impls[impl]
     for pass_name, timed, args, work_factor in [
         ("fwd", fn, case.args, 1.0),
         ("fwd+bwd", _with_backward(fn, case.num_diff), (*case.args, case.cotangent),
@@ -196,6 +201,10 @@ def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--only", default=",".join(KERNELS),
                       help=f"comma-separated subset of {','.join(KERNELS)}")
+  parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                      help="comma-separated subset of "
+                      f"{','.join(IMPLEMENTATIONS)}, timed in this order (long sequences: the "
+                      "gather-based references need memory of order seq_len * top_k * head_dim)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--runs", type=int, default=5)
   for key, value in ACCELERATOR_SHAPES.items():
@@ -206,6 +215,9 @@ def _parse(argv):
   unknown = set(args.only.split(",")) - set(KERNELS)
   if unknown:
     parser.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
+  unknown = set(args.implementations.split(",")) - set(IMPLEMENTATIONS)
+  if unknown:
+    parser.error(f"unknown implementations {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
   return args
 
 
@@ -223,7 +235,8 @@ def main(argv=None):
                   indexer=_indexer_cases, shortcut=_shortcut_cases)
   for kernel in args.only.split(","):
     for case in builders[kernel](shapes, xla_only):
-      _measure(case, backend=backend, warmup=args.warmup, runs=args.runs)
+      _measure(case, backend=backend, warmup=args.warmup, runs=args.runs,
+               implementations=args.implementations.split(","))
 
 
 if __name__ == "__main__":
