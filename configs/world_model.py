@@ -73,6 +73,21 @@ Variants:
            action_top1 0.375 (0.56 at step 800, 0.41 at 400: noise on 32 states). On 256
            windows its one-step prediction beats copying on moving frames (latent MSE 0.0925 vs
            0.1032; both others alone: 0.1025), still with little use of the action.
+           Is it the model or the data? python -m jaxai.world_model.synthetic_actions
+           --config=configs/world_model.py --steps=2000 trains this dynamics config on random
+           latents of the tokenizer's size whose next frame is the last one shifted one cell as
+           the move action moves the view (tanh(N(0, 1)), 4 x 8 grid, 5 actions, chance 0.2;
+           ~0.37 s per step). Paper model: action_top1 0.17 / 0.22 / 0.31 / 0.27 at steps 250 /
+           1000 / 1500 / 2000 (one pass at tau = 0: 0.20 / 0.36 / 0.44 / 0.41; its MSE 0.336 vs
+           0.415 over all five actions, copying 0.681). With the three switches
+           (--config.dynamics.previous_frame=True --config.dynamics.context_fraction=0.5
+           --config.dynamics.next_frame_fraction=0.3): 0.41 / 0.63 / 0.98 / 1.0 at steps 250 /
+           500 / 750 / 1000 and 1.0 at 2000 (one-pass MSE 0.044 vs 0.602 over all actions).
+           So the model with the switches learns an action that moves the latent grid within
+           750 steps, and the paper model slowly; on Craftax latents (32 learned tokens, not
+           tied to places in the view) the same switches did not within 1200 steps: what stands
+           in the way there is the latents, not the model. The next step is spatially aligned
+           latents (one per 7 x 7 tile), so that a move is a shift of the token grid.
   full     accelerators: tokenizer width 768, 8 + 8 layers, 8-frame windows, batch 256; dynamics
            width 1024, 16 layers, 64-frame windows, batch 128:
              python -m jaxai.main --config=configs/world_model.py:full --config.stage=all \
