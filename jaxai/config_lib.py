@@ -5,6 +5,7 @@ so every check here names the field that is wrong.
 """
 import json
 import math
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -23,6 +24,15 @@ DEFAULT_SHARDING_RULES = (
     ("length", None),
     ("head_dim", None),
 )
+
+
+EXIT_CONFIG_ERROR = 2
+
+
+def fail(kind: str, message: str, code: int = EXIT_CONFIG_ERROR):
+  """Ends a command with one line ``<kind>: <message>`` on stderr and a non-zero exit code."""
+  print(f"{kind}: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 class ConfigError(ValueError):

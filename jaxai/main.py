@@ -8,21 +8,18 @@ the workdir is touched. Runs resume automatically from the workdir's latest chec
 import logging
 import os
 import re
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from jaxai import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
 
-EXIT_CONFIG_ERROR = 2
-
-
-def fail(kind: str, message: str, code: int = EXIT_CONFIG_ERROR):
-  print(f"{kind}: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
+EXIT_CONFIG_ERROR = config_lib.EXIT_CONFIG_ERROR
+fail = config_lib.fail
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -81,7 +78,7 @@ def run(config, workdir: str) -> list[dict]:
   Raises ``ConfigError`` before touching ``workdir`` when the config cannot work.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxai import config_lib, tasks, train  # pylint: disable=g-import-not-at-top
+  from jaxai import tasks, train  # pylint: disable=g-import-not-at-top
   _initialize_distributed(config)
   config_lib.validate_trainer(config, jax.device_count())
   module = tasks.task_module(config)
@@ -105,7 +102,7 @@ def main(argv):
   # jax's "Unable to initialize backend 'tpu'" INFO line would precede our one-line errors.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   # Imported after flag parsing so that `--help` and flag errors do not pay for importing jax.
-  from jaxai import checkpointing, config_lib, train  # pylint: disable=g-import-not-at-top
+  from jaxai import checkpointing, train  # pylint: disable=g-import-not-at-top
   try:
     run(config, _WORKDIR.value)
   except config_lib.ConfigError as e:

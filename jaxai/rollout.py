@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import sys
 import threading
 import time
 
@@ -33,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxai import checkpointing
+from jaxai import checkpointing, config_lib
 from jaxai.craftax import dataset as craftax_dataset
 from jaxai.craftax import env as craftax_env
 from jaxai.world_model import dynamics as dynamics_lib
@@ -307,11 +306,6 @@ def define_flags():
   flags.DEFINE_string("host", "127.0.0.1", "Address the interactive page listens on.")
 
 
-def fail(kind: str, message: str):
-  print(f"{kind}: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def _options(config, args) -> dict:
   """Context, horizon and K from the flags, or the config's ``rollout`` section where left out."""
   r = config.rollout
@@ -343,17 +337,17 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
   config = args.config
   if config is None:
-    fail("config error", "config: --config=configs/world_model.py[:variant] is required")
+    config_lib.fail("config error", "config: --config=configs/world_model.py[:variant] is required")
   if not args.workdir:
-    fail("config error", "workdir: --workdir=DIR (a trained world model) is required")
+    config_lib.fail("config error", "workdir: --workdir=DIR (a trained world model) is required")
   try:
     options = _options(config, args)
   except UsageError as e:
-    fail("config error", str(e))
+    config_lib.fail("config error", str(e))
   try:
     models = dynamics_stage.load_world_model(config, args.workdir)
   except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
-    fail("checkpoint error", f"{e} (train the world model first: python -m jaxai.main "
+    config_lib.fail("checkpoint error", f"{e} (train the world model first: python -m jaxai.main "
          f"--config=... --config.stage=all --workdir={args.workdir})")
   try:
     if args.interactive:
@@ -364,11 +358,11 @@ def main(argv):
       print(json.dumps(rollout_gif(config, models, out=out, episodes=args.episodes, seed=args.seed,
                                    **options)), flush=True)
   except UsageError as e:
-    fail("config error", str(e))
+    config_lib.fail("config error", str(e))
   except craftax_dataset.DatasetError as e:
-    fail("config error", f"data.dir: {e}")
+    config_lib.fail("config error", f"data.dir: {e}")
   except OSError as e:  # the port is taken, the GIF cannot be written
-    fail("error", str(e))
+    config_lib.fail("error", str(e))
 
 
 if __name__ == "__main__":

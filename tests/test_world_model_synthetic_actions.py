@@ -52,3 +52,12 @@ def test_command_rejects_a_bad_flag_in_one_line():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 2
   assert result.stderr.strip() == "config error: eval_every: must be >= 1, got 0"
+
+
+def test_command_rejects_a_bad_dynamics_field_in_one_line():
+  result = subprocess.run([sys.executable, "-m", "jaxai.world_model.synthetic_actions",
+                           "--config=configs/world_model.py:tiny",
+                           "--config.dynamics.next_frame_fraction=1.5"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "config error: dynamics.next_frame_fraction: must be in [0, 1), got 1.5"

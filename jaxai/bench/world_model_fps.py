@@ -24,7 +24,6 @@ Ratios are of timings taken in the same run.
 import json
 import logging
 import statistics
-import sys
 import time
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxai import checkpointing
+from jaxai import checkpointing, config_lib
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import dynamics_stage, realtime, rollout, shortcut_forcing
 
@@ -154,27 +153,22 @@ def measure(config, workdir: str | None, *, frames: int, context: int, rollout_f
          **train_step_layouts(config, runs=runs)}
 
 
-def fail(kind: str, message: str):
-  print(f"{kind}: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv):
   del argv
   args = flags.FLAGS
   if not args["verbosity"].present:  # absl's INFO default floods stderr with orbax logs
     logging.getLogger("absl").setLevel(logging.WARNING)
   if args.config is None:
-    fail("config error", "config: --config=configs/world_model.py[:variant] is required")
+    config_lib.fail("config error", "config: --config=configs/world_model.py[:variant] is required")
   for name in ("frames", "context", "rollout_frames", "runs", "warmup"):
     if args[name].value < 1:
-      fail("config error", f"{name}: must be >= 1, got {args[name].value}")
+      config_lib.fail("config error", f"{name}: must be >= 1, got {args[name].value}")
   try:
     for record in measure(args.config, args.workdir, frames=args.frames, context=args.context,
                           rollout_frames=args.rollout_frames, runs=args.runs, warmup=args.warmup):
       print(json.dumps(record), flush=True)
   except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
-    fail("checkpoint error", f"{e} (train the world model into --workdir first, or leave --workdir "
+    config_lib.fail("checkpoint error", f"{e} (train the world model into --workdir first, or leave --workdir "
          "out to time random parameters)")
 
 

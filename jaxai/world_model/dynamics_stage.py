@@ -36,6 +36,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source != "craftax":
     raise config_lib.ConfigError("data.source", f"the dynamics stage trains on recorded play with "
                                  f"actions: needs craftax, got {config.data.source!r}")
+  validate_model(config)
+
+
+def validate_model(config: ml_collections.ConfigDict) -> None:
+  """The dynamics, rollout and dynamics_train fields, whatever the data."""
   d = config.dynamics
   config_lib.validate_attention_heads("dynamics", d)
   for field in ("width", "num_layers", "spatial_tokens", "num_registers", "window_len",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 
 import jax
@@ -113,8 +112,8 @@ def _evaluate(model, params, latents, actions, *, num_steps: int, context_signal
 def run(config: ml_collections.ConfigDict, *, steps: int, eval_every: int, eval_sequences: int,
         seed: int = 0):
   """Trains the config's dynamics model on the synthetic world; yields one dict per evaluation."""
+  dynamics_stage.validate_model(config)
   d, t = config.dynamics, config.tokenizer
-  config_lib.validate_attention_heads("dynamics", d)
   model = dynamics_stage.make_dynamics(config)
   stage = dynamics_stage.stage_config(config)
   batch_size, frames = stage.batch_size, max(d.short_window_len, CONTEXT_FRAMES + 1)
@@ -169,20 +168,16 @@ def main(argv):
   if not args["verbosity"].present:
     logging.getLogger("absl").setLevel(logging.WARNING)
   if args.config is None:
-    print("config error: config: --config=configs/world_model.py[:variant] is required",
-          file=sys.stderr)
-    sys.exit(2)
+    config_lib.fail("config error", "config: --config=configs/world_model.py[:variant] is required")
   for name in ("steps", "eval_every", "eval_sequences"):
     if args[name].value < 1:
-      print(f"config error: {name}: must be >= 1, got {args[name].value}", file=sys.stderr)
-      sys.exit(2)
+      config_lib.fail("config error", f"{name}: must be >= 1, got {args[name].value}")
   try:
     for record in run(args.config, steps=args.steps, eval_every=args.eval_every,
                       eval_sequences=args.eval_sequences, seed=args.seed):
       print(json.dumps(record), flush=True)
   except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    config_lib.fail("config error", str(e))
 
 
 if __name__ == "__main__":
