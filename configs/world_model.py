@@ -1,11 +1,11 @@
 r"""Dreamer 4 world model on Craftax-Classic: causal tokenizer (issue 4) and dynamics (issue 5).
 
 Tokenizer (stage ``tokenizer``): 63x63 frames cut into 81 patches of 7x7 pixels (one per game
-tile) + 81 learned latent tokens (one per tile: spatially aligned); encoder and decoder transformers with the paper's masks,
-block-causal over frames; tanh bottleneck of 81 x 8 = 648 values (18.4x smaller than the frame);
-masked autoencoding with patch drop probability ~ U(0, 0.9); loss MSE (+ perceptual_weight x
-perceptual, 0 by default), each term divided by a running (debiased EMA) RMS kept in the trainer state
-(jaxai/world_model/tokenizer_loss.py). Perceptual term: LPIPS needs VGG weights that cannot be
+tile) + 81 learned latent tokens (one per tile: spatially aligned); encoder and decoder
+transformers with the paper's masks, block-causal over frames; tanh bottleneck of 81 x 8 = 648
+values (18.4x smaller than the frame); masked autoencoding with patch drop probability
+~ U(0, 0.9); loss MSE (+ perceptual_weight x perceptual, 0 by default), each term divided by a
+running (debiased EMA) RMS kept in the trainer state (jaxai/world_model/tokenizer_loss.py). Perceptual term: LPIPS needs VGG weights that cannot be
 downloaded here; substitute: the image-gradient loss (squared error of horizontal and vertical
 pixel differences). It showed no benefit (see tokenizer.perceptual_weight), so it is off by default.
 
@@ -34,8 +34,8 @@ Variants:
            81 tile-aligned latents x 8, total_steps 3600 (2026-11-28, /work/runs/tok81): eval/psnr
            18.6 / 21.4 / 23.1 / 24.1 / 25.0 / 25.4 / 25.67 / 25.78 dB at steps 300 / 600 / 900 /
            1500 / 2100 / 2400 / 3000 / 3600; 25.67 dB at 43 min, 25.78 at the end (51 min).
-           Night static floor (python -m jaxai.craftax.night_noise): 29.5 dB at the darkest
-           frame, 37.0 dB for the noise averaged over a day; it does not rule out 32 dB.
+           Night static floor (python -m jaxai.craftax.night_noise): 29.6 dB at the darkest
+           frame, 37.1 dB for the noise averaged over a day; it does not rule out 32 dB.
            Dynamics on those latents (spatial_tokens=27) with the three switches below,
            1200 steps (~0.46 steps/s, /work/runs/dyn81_sw): rollout PSNR 18.68 dB at K = 4,
            18.65 at K = 64, repeat-last 20.68; eval/next_latent_mse_k1 0.0583 vs 0.0558

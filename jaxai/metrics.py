@@ -9,6 +9,11 @@ import numpy as np
 import tensorboardX
 
 
+def psnr_from_mse(mse):
+  """PSNR in dB of mean squared errors of values in [0, 1]; MSE floored at 1e-12 (120 dB)."""
+  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
 def _to_python(value):
   value = np.asarray(value)
   return value.item() if value.ndim == 0 else value.tolist()

@@ -1,6 +1,7 @@
 """Night static floor: noise appears exactly when the game's light level is below 0.5."""
 import numpy as np
 
+from jaxai import metrics
 from jaxai.craftax import night_noise
 
 
@@ -15,4 +16,4 @@ def test_static_appears_exactly_at_night_and_is_strongest_when_darkest():
   assert np.all(variance[night & (light < 0.45)] > 0)
   # Light is flat around its minimum, so two renders place the peak within a few timesteps of it.
   assert abs(int(np.argmax(variance)) - int(np.argmin(light))) <= 3
-  assert 25 < night_noise.psnr_floor(variance.max()) < 35
+  assert 25 < metrics.psnr_from_mse(variance.max()) < 35

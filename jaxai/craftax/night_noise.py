@@ -10,9 +10,9 @@ fraction of the day with static, the per-pixel noise variance (in [0, 1] units, 
 included) as a PSNR floor at the darkest timestep and at the median night timestep, and the
 variance averaged over the day (awake and asleep: sleeping greys the view and halves the static).
 
-Measured (2026-11-28): static on 40.3% of the day; floor 29.5 dB at the darkest timestep awake
-(35.5 dB asleep), 33.7 dB at the median night timestep; mean variance over the day 1.98e-4
-(37.0 dB). So a held-out PSNR of 32 dB is not ruled out by the noise, but night frames cap near 30.
+Measured (2026-11-28, 17 s): static on 41.7% of the day; floor 29.57 dB at the darkest timestep
+awake (35.57 dB asleep), 34.02 dB at the median night timestep; mean variance over the day 1.96e-4
+(37.08 dB). So a held-out PSNR of 32 dB is not ruled out by the noise, but night frames cap near 30.
 """
 import argparse
 import json
@@ -20,11 +20,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from craftax.craftax_classic.envs.craftax_state import EnvParams
 from craftax.craftax_classic.game_logic import calculate_light_level
 
+from jaxai import metrics
 from jaxai.craftax import env as craftax_env
 
-DAY_LENGTH = 300  # Craftax-Classic EnvParams.day_length
+DAY_LENGTH = EnvParams().day_length  # 300 steps
 
 
 def noise_variance_by_timestep(renders: int, sleeping: bool, world_seed: int = 0) -> np.ndarray:
@@ -33,18 +35,13 @@ def noise_variance_by_timestep(renders: int, sleeping: bool, world_seed: int = 0
   params = env.default_params
   _, state = env.reset_env(jax.random.PRNGKey(world_seed), params)
 
-  @jax.jit
   def variance(t):
     at_t = state.replace(light_level=calculate_light_level(t, params), is_sleeping=sleeping)
     render = lambda key: craftax_env.frame_from_obs(env.get_obs(at_t.replace(state_rng=key)))
     frames = jax.vmap(render)(jax.random.split(jax.random.PRNGKey(1), renders)).astype(jnp.float32)
     return jnp.mean(jnp.var(frames / 255.0, axis=0, ddof=1))
 
-  return np.array([float(variance(t)) for t in range(DAY_LENGTH)])
-
-
-def psnr_floor(variance: np.ndarray) -> np.ndarray:
-  return 10.0 * np.log10(1.0 / variance)
+  return np.asarray(jax.jit(lambda ts: jax.lax.map(variance, ts))(jnp.arange(DAY_LENGTH)))
 
 
 def main(argv=None) -> None:
@@ -58,11 +55,11 @@ def main(argv=None) -> None:
   night = awake > 0
   print(json.dumps({
       "static_fraction": float(night.mean()),
-      "psnr_floor_darkest": float(psnr_floor(awake.max())),
-      "psnr_floor_darkest_asleep": float(psnr_floor(asleep.max())),
-      "psnr_floor_median_night": float(np.median(psnr_floor(awake[night]))),
+      "psnr_floor_darkest": float(metrics.psnr_from_mse(awake.max())),
+      "psnr_floor_darkest_asleep": float(metrics.psnr_from_mse(asleep.max())),
+      "psnr_floor_median_night": float(np.median(metrics.psnr_from_mse(awake[night]))),
       "mean_variance": float(awake.mean()),
-      "psnr_of_mean_variance": float(psnr_floor(awake.mean())),
+      "psnr_of_mean_variance": float(metrics.psnr_from_mse(awake.mean())),
   }))
 
 

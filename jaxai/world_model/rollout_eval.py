@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxai import metrics
 from jaxai.craftax import dataset as craftax_dataset
 from jaxai.craftax import env as craftax_env
 from jaxai.world_model import dynamics as dynamics_lib
@@ -47,7 +48,7 @@ REPORTED_HORIZONS = (1, 4, 16)
 def frame_psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
   """PSNR in dB of [..., H, W, C] frames in [0, 1] (pred) against uint8 frames (target)."""
   mse = np.mean((pred.astype(np.float64) - target.astype(np.float64) / 255.0) ** 2, axis=(-3, -2, -1))
-  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+  return metrics.psnr_from_mse(mse)
 
 
 def _evenly(items: np.ndarray, count: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxai import checkpointing, config_lib
+from jaxai import checkpointing, config_lib, metrics
 from jaxai.data import pipeline
 from jaxai.nn import attention, transformer
 from jaxai.tasks import Task
@@ -181,7 +181,7 @@ def make_evaluate(config, model, workdir: str):
     recon = np.concatenate(recons)[:, 0].astype(np.float64)
     target = frames[:, 0].astype(np.float64) / 255.0
     mse = np.mean((recon - target) ** 2, axis=(1, 2, 3))
-    psnr = 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+    psnr = metrics.psnr_from_mse(mse)
     edge = np.asarray(tokenizer_loss.gradient_loss(recon, target))
     if jax.process_index() == 0:
       from PIL import Image  # pylint: disable=g-import-not-at-top
