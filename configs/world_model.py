@@ -5,9 +5,10 @@ tile) + 81 learned latent tokens (one per tile: spatially aligned); encoder and 
 transformers with the paper's masks, block-causal over frames; tanh bottleneck of 81 x 8 = 648
 values (18.4x smaller than the frame); masked autoencoding with patch drop probability
 ~ U(0, 0.9); loss MSE (+ perceptual_weight x perceptual, 0 by default), each term divided by a
-running (debiased EMA) RMS kept in the trainer state (jaxai/world_model/tokenizer_loss.py). Perceptual term: LPIPS needs VGG weights that cannot be
-downloaded here; substitute: the image-gradient loss (squared error of horizontal and vertical
-pixel differences). It showed no benefit (see tokenizer.perceptual_weight), so it is off by default.
+running (debiased EMA) RMS kept in the trainer state (jaxai/world_model/tokenizer_loss.py).
+Perceptual term: LPIPS needs VGG weights that cannot be downloaded here; substitute: the
+image-gradient loss (squared error of horizontal and vertical pixel differences). It showed no
+benefit (see tokenizer.perceptual_weight), so it is off by default.
 
 Dynamics (stage ``dynamics``; ``all`` runs both): the frozen tokenizer's latents regrouped into 27
 spatial tokens per frame + 4 registers + a (tau, d) token + an action token; 8 layers, space-only
@@ -19,85 +20,48 @@ context re-noised to signal 0.9, KV cache (jaxai/world_model/rollout.py).
 
 Variants:
   tiny     CPU, seconds; synthetic scrolling tile maps for the tokenizer (tests). Used by the tests.
-  default  CPU (2 cores), single-frame tokenizer, bf16 compute:
+  default  CPU (2 cores), bf16 compute; each stage resumes from its workdir:
+             # tokenizer (records the dataset into data.dir first if it is missing: 4-7 min, once)
              python -m jaxai.main --config=configs/world_model.py --config.stage=tokenizer \
-                 --workdir=/work/runs/wm_final --config.data.dir=/work/data \
-                 --config.tokenizer.perceptual_weight=0.2   # as measured below
-           (records the dataset into data.dir first if it is missing: ~6 min, once). Writes
-           tokenizer/metrics.jsonl (eval/psnr, bottleneck_values, compression_ratio) and
-           tokenizer/recon_step_<N>.png. Target: held-out PSNR >= 32 dB in 45 minutes.
-           Measured (2-core CPU, 2026-11-27, shared with test runs for part of the time):
-           eval/psnr 19.3 / 22.2 / 23.9 / 24.7 / 25.4 dB at steps 300 / 1200 / 3000 / 4500 / 6000;
-           24.7 dB at step 4500 is the last evaluation inside 45 minutes (43 min); 25.4 dB at the
-           end (54 min wall; 2.3-2.5 steps/s when the CPU was not shared). The 32 dB target is
-           not reached. (Those figures: 32 latents x 16, total_steps 6000.) The current default,
-           81 tile-aligned latents x 8, total_steps 3600 (2026-11-28, /work/runs/tok81): eval/psnr
-           18.6 / 21.4 / 23.1 / 24.1 / 25.0 / 25.4 / 25.67 / 25.78 dB at steps 300 / 600 / 900 /
-           1500 / 2100 / 2400 / 3000 / 3600; 25.67 dB at 43 min, 25.78 at the end (51 min).
-           Night static floor (python -m jaxai.craftax.night_noise): 29.6 dB at the darkest
-           frame, 37.1 dB for the noise averaged over a day; it does not rule out 32 dB.
-           Dynamics on those latents (spatial_tokens=27) with the three switches below,
-           1200 steps (~0.46 steps/s, /work/runs/dyn81_sw): rollout PSNR 18.68 dB at K = 4,
-           18.65 at K = 64, repeat-last 20.68; eval/next_latent_mse_k1 0.0583 vs 0.0558
-           repeat-last; eval/action_top1 0.47 (step 600), 0.59 (step 1200) vs chance 0.38.
-           The figures below this paragraph were measured with the 32 x 16 tokenizer.
+                 --workdir=/work/runs/tok81 --config.data.dir=/work/data
+             # dynamics on the frozen tokenizer's latents, and the paper's no-shortcut ablation
              python -m jaxai.main --config=configs/world_model.py --config.stage=dynamics \
-                 --workdir=/work/runs/wm_final --config.data.dir=/work/data
+                 --workdir=/work/runs/dyn81 --config.data.dir=/work/data \
+                 --config.dynamics.tokenizer_workdir=/work/runs/tok81
              python -m jaxai.main --config=configs/world_model.py --config.stage=dynamics \
-                 --config.dynamics.shortcut=False --config.dynamics.tokenizer_workdir=/work/runs/wm_final \
-                 --workdir=/work/runs/wm_noshortcut --config.data.dir=/work/data
-           Writes dynamics/metrics.jsonl (eval/rollout_psnr and its baselines, eval/action_top1)
-           and dynamics/rollout_step_<N>.png. Measured (2-core CPU, 1200 steps, ~0.75 steps/s
-           alone): eval/rollout_psnr (K = 4, 16 frames after 16) 18.10 dB; same model K = 64:
-           18.06; no-shortcut ablation K = 4: 18.10, K = 64: 17.70; last frame repeated: 20.68;
-           tokenizer ceiling 25.68. eval/action_top1 0.41 (chance 0.38, 32 states). With the
-           paper's uniform d (bootstrap_fraction=-1) the model lagged far behind at step 400
-           (13.02 vs 17.19 dB). The model ignores the movement direction and predicts the next
-           frame worse than copying the last one (eval/next_latent_mse 0.088 vs 0.053 for
-           repeat-last, step 1200). Trained on to step 3600 (a copy of the step-1200
-           checkpoint resumed with --config.dynamics_train.total_steps=3600, so the cosine
-           schedule restarts warm near 8e-4): 17.65 dB at step 2400, 18.03 at 3600 (K = 64
-           17.91), action_top1 0.44 / 0.375, eval/next_latent_mse_k1 0.083 / 0.077 (repeat-last
-           0.053): three times the steps did not teach the action either.
-           Interactive rollout (K = 4, 32-frame context, decode included; python -m
-           jaxai.bench.world_model_fps --workdir=/work/runs/wm_final): 68.9, 65.1 and 78.8 FPS
-           (medians of three runs, fp32 at batch 1, rollout.compute_dtype); in one session the
-           previous code (bf16, a K + 1st pass to write each frame) ran 54.8 and 46.5 FPS
-           alternated with 71.6 and 62.5 for this one. KV cache 7.6-11.4x faster than
-           recomputing; factorised train step 3.4-4.2x faster than full attention.
-           Three switches against that, all off (the paper's model) because none made the
-           rollouts better: dynamics.context_fraction (a fraction of frames redrawn at
-           rollout-context signal levels, so more frames learn next-frame prediction from clean
-           context) and dynamics.previous_frame (frame t reads frame t - 1 directly, with skips
-           tau z_t + (1 - tau) g z_{t-1} in the output). With both (0.5 / True; add
-           --config.dynamics.tokenizer_workdir=/work/runs/wm_final), 1200 steps: rollout PSNR
-           17.26 dB at K = 4 (K = 64: 16.74), the no-shortcut ablation with both 17.97 (K = 64:
-           17.04); eval/next_latent_mse 0.083 (ablation 0.069) vs 0.053 repeat-last; action_top1
-           0.34 (ablation 0.44). The one-step (K = 1) prediction, the model's conditional mean,
-           comes close to copying (latent MSE on 256 held-out windows 0.0577 vs 0.0493; the
-           paper model 0.0749) but the action still barely changes it. The third,
-           dynamics.next_frame_fraction (frames trained at tau = 0 right after a rollout-context
-           frame, weighted 1 instead of the ramp's 0.1: where only the action tells the next
-           frame), at 0.3 with both others, 1200 steps (workdir exp_next30): rollout PSNR 17.85 dB
-           at K = 4 (K = 64: 17.32), eval/next_latent_mse_k1 0.0551 vs 0.053 repeat-last,
-           action_top1 0.375 (0.56 at step 800, 0.41 at 400: noise on 32 states). On 256
-           windows its one-step prediction beats copying on moving frames (latent MSE 0.0925 vs
-           0.1032; both others alone: 0.1025), still with little use of the action.
-           Is it the model or the data? python -m jaxai.world_model.synthetic_actions
-           --config=configs/world_model.py --steps=2000 trains this dynamics config on random
-           latents of the tokenizer's size whose next frame is the last one shifted one cell as
-           the move action moves the view (tanh(N(0, 1)), 4 x 8 grid, 5 actions, chance 0.2;
-           ~0.37 s per step). Paper model: action_top1 0.17 / 0.22 / 0.31 / 0.27 at steps 250 /
-           1000 / 1500 / 2000 (one pass at tau = 0: 0.20 / 0.36 / 0.44 / 0.41; its MSE 0.336 vs
-           0.415 over all five actions, copying 0.681). With the three switches
-           (--config.dynamics.previous_frame=True --config.dynamics.context_fraction=0.5
-           --config.dynamics.next_frame_fraction=0.3): 0.41 / 0.63 / 0.98 / 1.0 at steps 250 /
-           500 / 750 / 1000 and 1.0 at 2000 (one-pass MSE 0.044 vs 0.602 over all actions).
-           So the model with the switches learns an action that moves the latent grid within
-           750 steps, and the paper model slowly; on Craftax latents (32 learned tokens, not
-           tied to places in the view) the same switches did not within 1200 steps: what stands
-           in the way there is the latents, not the model. The next step is spatially aligned
-           latents (one per 7 x 7 tile), so that a move is a shift of the token grid.
+                 --workdir=/work/runs/dyn81_noshort --config.data.dir=/work/data \
+                 --config.dynamics.tokenizer_workdir=/work/runs/tok81 \
+                 --config.dynamics.shortcut=False
+             # interactive speed (K = 4, 32-frame context, decode included)
+             python -m jaxai.bench.world_model_fps --config=configs/world_model.py \
+                 --workdir=/work/runs/dyn81 --config.dynamics.tokenizer_workdir=/work/runs/tok81
+           The tokenizer writes tokenizer/metrics.jsonl (eval/psnr, bottleneck_values,
+           compression_ratio) and tokenizer/recon_step_<N>.png; the dynamics
+           dynamics/metrics.jsonl (eval/rollout_psnr with its baselines, eval/action_top1) and
+           dynamics/rollout_step_<N>.png. The dynamics figures below were measured with
+           --config.dynamics_train.eval_every=600 added (evaluations at steps 600 and 1200).
+           Measured on 2026-11-28 (2-core CPU, nothing else running):
+           - tokenizer, 3600 steps at 2.6-2.9 steps/s (~22 min; an earlier, slower day: 1.0-1.4
+             steps/s, 51 min): eval/psnr 18.5 / 21.5 / 22.7 / 23.4 / 24.6 / 25.2 / 25.63 / 25.78
+             dB at steps 300 / 600 / 900 / 1200 / 1800 / 2400 / 3000 / 3600.
+             With total_steps=7000: 28.13 dB at step 5000, 28.60 at 5500 (README). Target 32 dB: not reached.
+           - dynamics, 1200 steps after encoding the latent cache (~2 min): paper model ~1 step/s
+             (23 min), ablation 1.4 steps/s (16 min; no bootstrap passes).
+             paper model: eval/rollout_psnr (K = 4, 16 frames after 16) 18.03 dB, the same
+             model at K = 64 17.30; no-shortcut ablation 18.60 at K = 4, 17.68 at K = 64;
+             repeating the last frame 20.68 (one frame ahead 32.3, 16 ahead 15.7; the paper
+             model 20.3 and 16.1); tokenizer ceiling 25.84. eval/action_top1 0.53 (ablation
+             0.50; chance 0.38, 32 states). The shortcut model's K = 4 beats its K = 64, but not
+             the ablation's K = 4: the paper's ablation direction is not reproduced at this
+             scale. With the three switches below (0.5 / True / 0.3; a tokenizer trained the
+             same way on a slower day, ceiling 25.93):
+             18.68 dB at K = 4, 18.65 at K = 64, action_top1 0.59.
+           - interactive rollout 119.0 FPS (median of 64 frames, 8.4 ms; mean 10.6 ms), KV cache
+             9.3x faster than recomputing the context, factorised train step 5.1x faster than full
+             block-causal attention in every layer (one run of the benchmark above).
+           What else was tried (the 32 x 16 tokenizer, the three switches below, the image-gradient
+           loss, the synthetic action world) and what it measured: README.md, "World model: what
+           was measured and tried".
   full     accelerators: tokenizer width 768, 8 + 8 layers, 8-frame windows, batch 256; dynamics
            width 1024, 16 layers, 64-frame windows, batch 128:
              python -m jaxai.main --config=configs/world_model.py:full --config.stage=all \
@@ -121,8 +85,8 @@ def get_config(arg=None):
       synthetic_windows=2048,  # windows of the synthetic source
   )
   c.tokenizer = dict(
-      # Sized for 45 minutes on 2 CPU cores: ~1.6 steps/s at batch 32 in bf16 (width 256 with 4+4
-      # layers ran at 0.19 steps/s here, too slow to converge in that budget). 4 heads of 32 rather
+      # Sized for 45 minutes on 2 CPU cores: 1.0-2.9 steps/s at batch 32 in bf16, depending on the
+      # day (width 256 with 4+4 layers ran at 0.19 steps/s, too slow to converge in that budget). 4 heads of 32 rather
       # than 2 of 64: a latent reads ~2.5 patches, and softmax averaging within one head mixes them.
       width=128, encoder_layers=2, decoder_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
       mlp_hidden=384, qk_norm=True, attn_soft_cap=0.0,
@@ -132,13 +96,15 @@ def get_config(arg=None):
       patch_size=7, num_latents=81, latent_channels=8,
       # The image-gradient term (LPIPS stand-in) did not help: 600-step runs with weight 0 vs 0.2
       # gave held-out PSNR 21.44 vs 21.37 dB and edge MSE 0.00942 vs 0.00938, so it is off by
-      # default (the 6000-step figures in the docstring were measured with 0.2).
+      # default (the README's 32 x 16 figures were measured with 0.2).
       max_mask_prob=0.9, perceptual_weight=0.0,
   )
   # Batch 32 learned as much per step as batch 64 in the first 300 steps (train PSNR 18.4 at step
   # 300 both) at half the cost.
   c.batch_size = 32
-  c.total_steps = 3600  # ~50 min here: the cosine schedule ends near the 45-minute budget
+  # 22 min on a fast day (2.6-2.9 steps/s), 51 on a slow one (1.0-1.4): the cosine schedule ends
+  # near the 45-minute budget on a slow day too.
+  c.total_steps = 3600
   c.log_every = 50
   c.eval_every = 300
   c.checkpoint_every = 300
@@ -158,14 +124,14 @@ def get_config(arg=None):
       # data); 1/4 follows the shortcut-models paper (Frans et al., 2024).
       bootstrap_fraction=0.25,
       # Fraction of frames redrawn as rollout context (signal >= rollout.context_signal, d_min);
-      # 0: the paper's independent uniform tau. Not in the paper: see the docstring.
+      # 0: the paper's independent uniform tau. Not in the paper: see the README.
       context_fraction=0.0,
       # Fraction of frames trained at tau = 0 (pure noise, d_min) right after a frame redrawn as
       # rollout context, weighted 1 instead of the ramp's 0.1: the first step of a rollout, where
-      # only the context and the action tell the next frame. 0: the paper. See the docstring.
+      # only the context and the action tell the next frame. 0: the paper. See the README.
       next_frame_fraction=0.0,
       # Frame t - 1's latents as an input of frame t and a gated copy in its output (not in the
-      # paper; see jaxai/world_model/dynamics.py and the docstring).
+      # paper; see jaxai/world_model/dynamics.py and the README).
       previous_frame=False,
       window_len=32,            # long batches: windows of 32 frames
       short_window_len=8,       # the other batches: the same frames as windows of 8

@@ -3,11 +3,12 @@ import importlib.util
 import json
 import os
 
+import chex
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from jaxai import main
+from jaxai import checkpointing, main
 from jaxai.craftax import dataset as craftax_dataset
 from jaxai.world_model import dynamics_stage, rollout_eval
 
@@ -87,3 +88,9 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
   config.dynamics_train.update(total_steps=2)
   main.run(config, str(tmp_path / "ablation"))
   assert not os.path.exists(tmp_path / "ablation" / "tokenizer")
+  # Loading that run for rollouts finds the tokenizer it was trained on without being told.
+  fresh = world_model_config.get_config("tiny")
+  fresh.data.update(config.data)
+  _, tokenizer_params, _, _ = dynamics_stage.load_world_model(fresh, str(tmp_path / "ablation"))
+  _, expected = checkpointing.restore_params(str(workdir / "tokenizer" / "checkpoints"))
+  chex.assert_trees_all_equal(tokenizer_params, expected)

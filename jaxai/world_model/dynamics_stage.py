@@ -16,6 +16,7 @@ trains each stage with its own.
 Evaluation: ``jaxai.world_model.rollout_eval``.
 """
 import functools
+import json
 import os
 
 import jax
@@ -214,10 +215,24 @@ def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
+def saved_tokenizer_workdir(workdir: str) -> str:
+  """The ``dynamics.tokenizer_workdir`` the dynamics run in ``workdir`` was trained with (its
+  dynamics/config.json), "" if it read its own or the file is missing or unreadable."""
+  try:
+    with open(os.path.join(workdir, "dynamics", "config.json"), encoding="utf-8") as f:
+      return json.load(f).get("dynamics", {}).get("tokenizer_workdir", "") or ""
+  except (OSError, ValueError, AttributeError):
+    return ""
+
+
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``,
-  computing in ``rollout.compute_dtype``."""
-  config = rollout_config(config)
+  computing in ``rollout.compute_dtype``. The tokenizer is the one the run was trained on (a run
+  whose dynamics read another run's tokenizer finds it there) unless ``dynamics.tokenizer_workdir``
+  names one."""
+  config = ml_collections.ConfigDict(rollout_config(config).to_dict())
+  if not config.dynamics.tokenizer_workdir:
+    config.dynamics.tokenizer_workdir = saved_tokenizer_workdir(workdir)
   tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
   _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
   return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params

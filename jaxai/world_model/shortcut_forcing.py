@@ -66,7 +66,7 @@ def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, frac
   Not in the paper. With tau independent and uniform per frame, a frame's predecessor is as clean
   as a rollout's context (signal >= 0.9) for only 10% of the frames, so the next-frame prediction
   that rollouts ask for (clean context, noisy new frame) gets little training signal; see the
-  config docstring for what it changes.
+  README (World model: what was measured and tried) for what it changes.
   """
   context_rng, tau_rng = jax.random.split(rng)
   is_context = jax.random.uniform(context_rng, tau.shape) < fraction

@@ -26,7 +26,8 @@ predict, for each of the five actions):
 * ``next_mse`` (sampled, true action), ``mean_mse_true`` / ``mean_mse_other`` (one pass, the true
   action / all five), and ``copy_mse``, the error of repeating the last context frame.
 
-Measured on this 2-core CPU (default config, ~0.35 s per step), see the config's docstring.
+Measured on this 2-core CPU (default config, ~0.35 s per step): see the README, World model: what
+was measured and tried.
 """
 from __future__ import annotations
 
