@@ -5,6 +5,7 @@ so every check here names the field that is wrong.
 """
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
@@ -150,6 +151,26 @@ def validate_trainer(config: ml_collections.ConfigDict, num_devices: int) -> tup
   if not 0 <= opt.warmup_steps <= config.total_steps:
     raise ConfigError("optimizer.warmup_steps", f"must be in [0, total_steps={config.total_steps}]")
   return data, fsdp, tensor
+
+
+# Each stage's directory keeps the config it was trained with, to resume, load and compare against.
+SAVED_CONFIG_FILE = "config.json"
+
+
+def write_saved_config(run_dir: str, config: ml_collections.ConfigDict) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, SAVED_CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_saved_config(run_dir: str) -> dict | None:
+  """The config a stage in ``run_dir`` was trained with, None if its file is missing or unreadable."""
+  try:
+    with open(os.path.join(run_dir, SAVED_CONFIG_FILE), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return saved if isinstance(saved, dict) else None
 
 
 # Fields that only say how long and how often a run acts: they never change what a checkpoint holds.

@@ -117,11 +117,8 @@ def _check_finite(step: int, step_metrics: dict, ckpt: checkpointing.Checkpointe
 
 def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Why a checkpoint may not fit this run: the fields changed since the run's config.json."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      changed = config_lib.changed_fields(json.load(f), config)
-  except (OSError, ValueError):
-    return ""
+  saved = config_lib.read_saved_config(workdir)
+  changed = config_lib.changed_fields(saved, config) if saved is not None else []
   return f" (this config differs from the checkpoint's config.json in {'; '.join(changed)})" if changed else ""
 
 
@@ -162,9 +159,7 @@ def train(task: Task, workdir: str) -> dict:
     else:
       state = jax.jit(lambda r: nn.unbox(init_boxed_state(r)), out_shardings=state_shardings)(init_rng)
     if is_chief:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      config_lib.write_saved_config(workdir, config)
       num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
       print(f"{task.name}: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
             f"{jax.device_count()} devices, {jax.process_count()} processes", file=sys.stderr, flush=True)

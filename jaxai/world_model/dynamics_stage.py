@@ -16,7 +16,6 @@ trains each stage with its own.
 Evaluation: ``jaxai.world_model.rollout_eval``.
 """
 import functools
-import json
 import os
 
 import jax
@@ -218,11 +217,9 @@ def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def saved_tokenizer_workdir(workdir: str) -> str:
   """The ``dynamics.tokenizer_workdir`` the dynamics run in ``workdir`` was trained with (its
   dynamics/config.json), "" if it read its own or the file is missing or unreadable."""
-  try:
-    with open(os.path.join(workdir, "dynamics", "config.json"), encoding="utf-8") as f:
-      return json.load(f).get("dynamics", {}).get("tokenizer_workdir", "") or ""
-  except (OSError, ValueError, AttributeError):
-    return ""
+  saved = config_lib.read_saved_config(os.path.join(workdir, "dynamics")) or {}
+  dynamics = saved.get("dynamics")
+  return (dynamics.get("tokenizer_workdir") or "") if isinstance(dynamics, dict) else ""
 
 
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
