@@ -181,8 +181,10 @@ def get_config(arg=None):
     c.rollout.update(baseline_steps=8, context_frames=4, horizon=4, eval_windows=4, action_states=2)
   elif variant == "full":
     c.data.update(window_len=8, eval_frames=2048)
+    # The same 81 x 8 bottleneck (and 27 dynamics tokens) as the default: wider and deeper models,
+    # the same latent space.
     c.tokenizer.update(width=768, encoder_layers=8, decoder_layers=8, num_heads=12, num_kv_heads=4,
-                       head_dim=64, mlp_hidden=3072, num_latents=32, latent_channels=16)
+                       head_dim=64, mlp_hidden=3072)
     c.batch_size = 256
     c.total_steps = 100_000
     c.log_every = 100
@@ -192,7 +194,7 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 2000
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.dynamics.update(width=1024, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=64,
-                      mlp_hidden=4096, spatial_tokens=16, window_len=64, short_window_len=16,
+                      mlp_hidden=4096, window_len=64, short_window_len=16,
                       train_episodes=0)
     c.rollout.compute_dtype = "bfloat16"
     c.dynamics_train.update(batch_size=128, total_steps=100_000, eval_every=5000, checkpoint_every=2000,

@@ -66,6 +66,53 @@ def test_xla_attention_matches_jax_dot_product_attention(heads, kv_heads, frame_
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# The specs the models use: Dense over one and two axes (layers.Dense), and attention's two products.
+EINSUM_CASES = [("abc,cd->abd", (2, 5, 8), (8, 6)), ("abc,cdf->abdf", (2, 5, 8), (8, 3, 4)),
+                ("abcd,cde->abe", (2, 5, 3, 4), (3, 4, 8)), ("bkqd,bkds->bkqs", (2, 2, 6, 8), (2, 2, 8, 5)),
+                ("bkqs,bksd->bkqd", (2, 2, 6, 5), (2, 2, 5, 8))]
+
+
+@pytest.mark.parametrize("spec, a_shape, b_shape", EINSUM_CASES)
+def test_einsum_value_and_gradients_match_autodiff_of_jnp_einsum(spec, a_shape, b_shape):
+  ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+  a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
+  weights = jax.random.normal(kg, jnp.einsum(spec, a, b).shape)
+  loss = lambda f: lambda a, b: jnp.sum(weights * f(a, b))
+  want, want_grads = jax.value_and_grad(loss(lambda a, b: jnp.einsum(spec, a, b)), (0, 1))(a, b)
+  got, got_grads = jax.value_and_grad(loss(lambda a, b: layers.einsum(spec, a, b, jnp.float32)), (0, 1))(a, b)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  # bf16 products (fp32 accumulation): XLA:CPU must run them (some layouts of a bf16 x bf16 -> fp32
+  # dot are unimplemented there), and they round only the inputs and the cotangent to bf16.
+  got, got_grads = jax.jit(jax.value_and_grad(
+      loss(lambda a, b: layers.einsum(spec, a, b, jnp.bfloat16)), (0, 1)))(a, b)
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=0.1)
+  for g, w in zip(got_grads, want_grads):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=2e-2, atol=0.1)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_xla_attention_gradients_match_jax_dot_product_attention(heads, kv_heads, dtype, tol):
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (2, 12, heads, 16))
+  k = jax.random.normal(keys[1], (2, 12, kv_heads, 16))
+  v = jax.random.normal(keys[2], (2, 12, kv_heads, 16))
+  weights = jax.random.normal(keys[3], q.shape)
+  mask = attention.frame_mask(12, 12, frame_size=3) & (jnp.arange(12)[None, :] % 4 != 1)  # + a dense mask
+  def loss(attend):
+    return lambda q, k, v: jnp.sum(weights * attend(q, k, v).astype(jnp.float32))
+  want = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=mask[None, None], implementation="xla")), (0, 1, 2))(q, k, v)
+  cast = lambda x: x.astype(dtype)
+  got = jax.jit(jax.grad(loss(lambda q, k, v: attention.xla_attention(
+      cast(q), cast(k), cast(v), frame_size=3, mask=mask)), (0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
 def test_soft_capped_attention_matches_explicit_formula():
   keys = jax.random.split(jax.random.key(1), 3)
   q, k, v = (jax.random.normal(kk, (1, 5, 2, 8)) * 4 for kk in keys)
