@@ -40,25 +40,26 @@ Variants:
            dynamics/metrics.jsonl (eval/rollout_psnr with its baselines, eval/action_top1) and
            dynamics/rollout_step_<N>.png. The dynamics figures below were measured with
            --config.dynamics_train.eval_every=600 added (evaluations at steps 600 and 1200).
-           Measured on 2026-11-28 (2-core CPU, nothing else running):
-           - tokenizer, 3600 steps at 2.6-2.9 steps/s (~22 min; an earlier, slower day: 1.0-1.4
-             steps/s, 51 min): eval/psnr 18.5 / 21.5 / 22.7 / 23.4 / 24.6 / 25.2 / 25.63 / 25.78
-             dB at steps 300 / 600 / 900 / 1200 / 1800 / 2400 / 3000 / 3600.
-             With total_steps=7000: 28.13 dB at step 5000, 28.60 at 5500 (README). Target 32 dB: not reached.
-           - dynamics, 1200 steps after encoding the latent cache (~2 min): paper model ~1 step/s
-             (23 min), ablation 1.4 steps/s (16 min; no bootstrap passes).
-             paper model: eval/rollout_psnr (K = 4, 16 frames after 16) 18.03 dB, the same
-             model at K = 64 17.30; no-shortcut ablation 18.60 at K = 4, 17.68 at K = 64;
+           Measured on 2026-11-29 (2-core CPU, nothing else running; a slow day for this
+           machine: the earlier code ran 1.5-2x slower than on 2026-11-28):
+           - tokenizer, 6000 steps in 44 min (2.2-2.4 steps/s): eval/psnr 20.63 / 23.33 / 24.94 /
+             25.81 / 26.04 / 26.40 / 26.79 dB at steps 500 / 1000 / 2000 / 3000 / 4000 / 4500 /
+             6000. Target 32 dB: not reached (an earlier 7000-step run: 28.60 at 5500, README).
+           - dynamics, 1200 steps after encoding the latent cache (~2 min): paper model 0.9-0.95
+             steps/s (27 min in all), ablation 1.3 steps/s (18 min; no bootstrap passes).
+             paper model: eval/rollout_psnr (K = 4, 16 frames after 16) 17.70 dB, the same
+             model at K = 64 17.23; no-shortcut ablation 18.30 at K = 4, 17.53 at K = 64;
              repeating the last frame 20.68 (one frame ahead 32.3, 16 ahead 15.7; the paper
-             model 20.3 and 16.1); tokenizer ceiling 25.84. eval/action_top1 0.53 (ablation
+             model 20.3 and 15.6); tokenizer ceiling 26.82. eval/action_top1 0.44 (ablation
              0.50; chance 0.38, 32 states). The shortcut model's K = 4 beats its K = 64, but not
              the ablation's K = 4: the paper's ablation direction is not reproduced at this
-             scale. With the three switches below (0.5 / True / 0.3; a tokenizer trained the
-             same way on a slower day, ceiling 25.93):
-             18.68 dB at K = 4, 18.65 at K = 64, action_top1 0.59.
-           - interactive rollout 119.0 FPS (median of 64 frames, 8.4 ms; mean 10.6 ms), KV cache
-             9.3x faster than recomputing the context, factorised train step 5.1x faster than full
-             block-causal attention in every layer (one run of the benchmark above).
+             scale (as on 2026-11-28 with the 3600-step tokenizer: 18.03 vs 18.60 dB).
+             With the three switches below (0.5 / True / 0.3; an earlier tokenizer, ceiling
+             25.93): 18.68 dB at K = 4, 18.65 at K = 64, action_top1 0.59.
+           - interactive rollout 63.2 FPS (median of 64 frames, 15.8 ms; the earlier code 56.2
+             the same day, 119.0 on 2026-11-28), KV cache 9.8x faster than recomputing the
+             context, factorised train step 7.3x faster than full block-causal attention in every
+             layer, tokenizer train step 425 ms (fp32 1.2x slower) (one run of the benchmark above).
            What else was tried (the 32 x 16 tokenizer, the three switches below, the image-gradient
            loss, the synthetic action world) and what it measured: README.md, "World model: what
            was measured and tried".
@@ -85,8 +86,8 @@ def get_config(arg=None):
       synthetic_windows=2048,  # windows of the synthetic source
   )
   c.tokenizer = dict(
-      # Sized for 45 minutes on 2 CPU cores: 1.0-2.9 steps/s at batch 32 in bf16, depending on the
-      # day (width 256 with 4+4 layers ran at 0.19 steps/s, too slow to converge in that budget). 4 heads of 32 rather
+      # Sized for 45 minutes on 2 CPU cores: 2.2-2.4 steps/s at batch 32 in bf16 on 2026-11-29
+      # (width 256 with 4+4 layers ran at 0.19 steps/s, too slow to converge in that budget). 4 heads of 32 rather
       # than 2 of 64: a latent reads ~2.5 patches, and softmax averaging within one head mixes them.
       width=128, encoder_layers=2, decoder_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
       mlp_hidden=384, qk_norm=True, attn_soft_cap=0.0,
@@ -102,12 +103,12 @@ def get_config(arg=None):
   # Batch 32 learned as much per step as batch 64 in the first 300 steps (train PSNR 18.4 at step
   # 300 both) at half the cost.
   c.batch_size = 32
-  # 22 min on a fast day (2.6-2.9 steps/s), 51 on a slow one (1.0-1.4): the cosine schedule ends
-  # near the 45-minute budget on a slow day too.
-  c.total_steps = 3600
+  # 44 min on 2026-11-29 (2.2-2.4 steps/s; the machine's speed varies by day): the 45-minute
+  # budget. 26.79 dB held-out, against 25.81 at step 3000 of the same run.
+  c.total_steps = 6000
   c.log_every = 50
-  c.eval_every = 300
-  c.checkpoint_every = 300
+  c.eval_every = 500
+  c.checkpoint_every = 500
   c.dynamics = dict(
       # ~1 s per training step here (3 forward passes per step: the bootstrap's two half steps).
       width=128, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32, mlp_hidden=384,
@@ -152,8 +153,8 @@ def get_config(arg=None):
       eval_windows=32,          # held-out windows for eval/rollout_psnr
       action_states=32,         # held-out states for eval/action_top1
       # Interactive play, rollout GIFs and the speed benchmark (training and its evals use
-      # compute_dtype). At batch 1 XLA:CPU runs the frame-sized matmuls in fp32 either way, and
-      # bf16 only adds casts of every weight at every pass: fp32 is faster here.
+      # compute_dtype). At batch 1 bf16 gains little here (65.9 against 63.2 FPS on 2026-11-29),
+      # so rollouts stay in fp32.
       compute_dtype="float32",
   )
   c.compute_dtype = "bfloat16"

@@ -104,14 +104,15 @@ def test_fps_benchmark_prints_its_measurements(tmp_path):
       cwd=REPO_ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   records = {r["benchmark"]: r for r in map(json.loads, result.stdout.splitlines())}
-  assert set(records) == {"interactive_fps", "kv_cache", "train_step_layout"}
+  assert set(records) == {"interactive_fps", "kv_cache", "train_step_layout", "tokenizer_train_step"}
   for record in records.values():
     assert record["backend"] == "cpu" and record["num_steps"] == 4 and record["context"] == 3
     assert record["dynamics"]["width"] == 32 and record["dynamics"]["layers"] == 2
     assert "random" in record["params"]
   positive = {"interactive_fps": ("fps", "ms_per_frame"),
               "kv_cache": ("cached_ms", "uncached_ms", "uncached_over_cached"),
-              "train_step_layout": ("factorised_ms", "full_ms", "full_over_factorised")}
+              "train_step_layout": ("factorised_ms", "full_ms", "full_over_factorised"),
+              "tokenizer_train_step": ("step_ms", "float32_ms", "float32_over_compute_dtype")}
   for name, keys in positive.items():
     for key in keys:
       assert records[name][key] > 0, (name, key)

@@ -1,4 +1,5 @@
-"""Times the world model: interactive frames per second, KV cache vs recompute, factorised vs full.
+"""Times the world model: interactive frames per second, KV cache vs recompute, factorised vs full,
+and the tokenizer's training step.
 
   python -m jaxai.bench.world_model_fps --config=configs/world_model.py [--workdir=DIR]
       [--frames=64] [--context=32] [--rollout_frames=8] [--runs=3]
@@ -18,15 +19,20 @@ Prints one JSON line per measurement, each with the backend, device and the conf
 * ``train_step_layout``: a jitted value_and_grad of ``shortcut_forcing.dynamics_loss`` (in
   compute_dtype) on one random batch [dynamics_train.batch_size, dynamics.window_len], for dynamics.layout factorised and full
   (random parameters for both); median over ``--runs`` steps after one warm-up step each.
+* ``tokenizer_train_step``: a jitted value_and_grad of ``tokenizer_loss.tokenizer_loss`` on one
+  random uint8 batch [batch_size, data.window_len] (random parameters), in compute_dtype and in
+  float32; median over ``--runs`` steps after one warm-up step each.
 
 Ratios are of timings taken in the same run.
 """
+import functools
 import json
 import logging
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -34,7 +40,8 @@ from ml_collections import config_flags
 
 from jaxai import checkpointing, config_lib
 from jaxai.world_model import dynamics as dynamics_lib
-from jaxai.world_model import dynamics_stage, realtime, rollout, shortcut_forcing
+from jaxai.world_model import dynamics_stage, realtime, rollout, shortcut_forcing, tokenizer_loss
+from jaxai.world_model import task as wm_task
 
 def define_flags():
   """Defined only when run as a program: jaxai.main, imported beside this module, has --config too."""
@@ -125,6 +132,28 @@ def train_step_layouts(config, *, runs: int) -> dict:
           "statistic": f"median over {runs} steps"}
 
 
+def tokenizer_train_step(config, *, runs: int) -> dict:
+  frames = jax.random.randint(jax.random.key(3), (config.batch_size, config.data.window_len,
+                                                  *wm_task.FRAME_SHAPE), 0, 256).astype(jnp.uint8)
+  timed = {}
+  for dtype in dict.fromkeys((config.compute_dtype, "float32")):
+    dtype_config = ml_collections.ConfigDict(config.to_dict())
+    dtype_config.compute_dtype = dtype
+    model = wm_task.make_tokenizer(dtype_config)
+    params = model.init(jax.random.key(0), frames[:1])["params"]
+    names = tokenizer_loss.term_names(config.tokenizer.perceptual_weight)
+    loss = functools.partial(tokenizer_loss.tokenizer_loss, model, config.tokenizer.perceptual_weight)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    call = lambda step=step, params=params: jax.block_until_ready(
+        step(params, tokenizer_loss.init_rms_state(names), {"frames": frames}, jax.random.key(4)))
+    call()  # compiles
+    timed[dtype] = _median_ms(call, runs)
+  return {"step_ms": _round(timed[config.compute_dtype]), "float32_ms": _round(timed["float32"]),
+          "float32_over_compute_dtype": _round(timed["float32"] / timed[config.compute_dtype]),
+          "batch": [config.batch_size, config.data.window_len], "compute_dtype": config.compute_dtype,
+          "statistic": f"median over {runs} steps"}
+
+
 def measure(config, workdir: str | None, *, frames: int, context: int, rollout_frames: int, runs: int,
             warmup: int):
   """Yields the JSON records, one per measurement."""
@@ -151,6 +180,8 @@ def measure(config, workdir: str | None, *, frames: int, context: int, rollout_f
                             num_steps=r.num_steps, context_signal=r.context_signal, runs=runs)}
   yield {"benchmark": "train_step_layout", **common, "params": "random init (both layouts)",
          **train_step_layouts(config, runs=runs)}
+  yield {"benchmark": "tokenizer_train_step", **common, "params": "random init",
+         **tokenizer_train_step(config, runs=runs)}
 
 
 def main(argv):
