@@ -135,17 +135,18 @@ def train_step_layouts(config, *, runs: int) -> dict:
 def tokenizer_train_step(config, *, runs: int) -> dict:
   frames = jax.random.randint(jax.random.key(3), (config.batch_size, config.data.window_len,
                                                   *wm_task.FRAME_SHAPE), 0, 256).astype(jnp.uint8)
+  weight = config.tokenizer.perceptual_weight
+  rms_state = tokenizer_loss.init_rms_state(tokenizer_loss.term_names(weight))
   timed = {}
   for dtype in dict.fromkeys((config.compute_dtype, "float32")):
     dtype_config = ml_collections.ConfigDict(config.to_dict())
     dtype_config.compute_dtype = dtype
     model = wm_task.make_tokenizer(dtype_config)
     params = model.init(jax.random.key(0), frames[:1])["params"]
-    names = tokenizer_loss.term_names(config.tokenizer.perceptual_weight)
-    loss = functools.partial(tokenizer_loss.tokenizer_loss, model, config.tokenizer.perceptual_weight)
+    loss = functools.partial(tokenizer_loss.tokenizer_loss, model, weight)
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     call = lambda step=step, params=params: jax.block_until_ready(
-        step(params, tokenizer_loss.init_rms_state(names), {"frames": frames}, jax.random.key(4)))
+        step(params, rms_state, {"frames": frames}, jax.random.key(4)))
     call()  # compiles
     timed[dtype] = _median_ms(call, runs)
   return {"step_ms": _round(timed[config.compute_dtype]), "float32_ms": _round(timed["float32"]),

@@ -50,8 +50,9 @@ def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None
   g = h // kv_heads
   s = k.shape[1]
   # Head-major, the query group folded into the rows and the keys transposed: both products are
-  # plain [M, K] x [K, N] matmuls batched over (B, K), the form XLA:CPU keeps on its bf16 kernels in
-  # the backward pass too (layers.einsum); 1.3x faster training steps of the tokenizer.
+  # plain [M, K] x [K, N] matmuls batched over (B, K), the layout XLA:CPU runs fastest in bf16 in
+  # both passes (layers.einsum; some other layouts of a bf16 product with fp32 output are not
+  # implemented there at all). Tokenizer train step 410 -> 382 ms against the [B, T, K, G, D] form.
   q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
   k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
   logits = layers.einsum("bkqd,bkds->bkqs", q, k, q.dtype) * d ** -0.5

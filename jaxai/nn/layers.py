@@ -27,6 +27,10 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   Every index of an operand must appear in the other operand or in the output (no index summed
   within one operand), so that both gradients are einsums of the same kind.
   """
+  return _product(spec, a, b, dtype)
+
+
+def _product(spec, a, b, dtype):
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
@@ -38,10 +42,8 @@ def _einsum_bwd(spec, dtype, residuals, grad):
   a, b = residuals
   inputs, out = spec.replace(" ", "").split("->")
   a_sub, b_sub = inputs.split(",")
-  grad_a = jnp.einsum(f"{out},{b_sub}->{a_sub}", grad.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  grad_b = jnp.einsum(f"{a_sub},{out}->{b_sub}", a.astype(dtype), grad.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  grad_a = _product(f"{out},{b_sub}->{a_sub}", grad, b, dtype)
+  grad_b = _product(f"{a_sub},{out}->{b_sub}", a, grad, dtype)
   return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
