@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxai import checkpointing, config_lib, metrics as metrics_lib, optimizer, sharding
+from jaxai import checkpointing, config_lib, host, metrics as metrics_lib, optimizer, sharding
 from jaxai.tasks import Task
 
 
@@ -162,7 +162,8 @@ def train(task: Task, workdir: str) -> dict:
       config_lib.write_saved_config(workdir, config)
       num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
       print(f"{task.name}: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
-            f"{jax.device_count()} devices, {jax.process_count()} processes", file=sys.stderr, flush=True)
+            f"{jax.device_count()} devices, {jax.process_count()} processes; host {host.summary()}",
+            file=sys.stderr, flush=True)
 
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     progress = metrics_lib.Progress(config.total_steps, start_step, enabled=is_chief)

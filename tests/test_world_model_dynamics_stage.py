@@ -91,6 +91,9 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
   # Loading that run for rollouts finds the tokenizer it was trained on without being told.
   fresh = world_model_config.get_config("tiny")
   fresh.data.update(config.data)
-  _, tokenizer_params, _, _ = dynamics_stage.load_world_model(fresh, str(tmp_path / "ablation"))
+  # A tokenizer field that changes no parameter shape: the model must still be built as trained.
+  fresh.tokenizer.max_mask_prob = 0.5
+  tokenizer, tokenizer_params, _, _ = dynamics_stage.load_world_model(fresh, str(tmp_path / "ablation"))
   _, expected = checkpointing.restore_params(str(workdir / "tokenizer" / "checkpoints"))
   chex.assert_trees_all_equal(tokenizer_params, expected)
+  assert tokenizer.config.max_mask_prob == config.tokenizer.max_mask_prob != 0.5

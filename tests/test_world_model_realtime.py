@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from jaxai import host
 from jaxai.craftax import env as craftax_env
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import realtime, rollout
@@ -107,6 +108,7 @@ def test_fps_benchmark_prints_its_measurements(tmp_path):
   assert set(records) == {"interactive_fps", "kv_cache", "train_step_layout", "tokenizer_train_step"}
   for record in records.values():
     assert record["backend"] == "cpu" and record["num_steps"] == 4 and record["context"] == 3
+    assert record["host_cpu"] == host.summary()
     assert record["dynamics"]["width"] == 32 and record["dynamics"]["layers"] == 2
     assert "random" in record["params"]
   positive = {"interactive_fps": ("fps", "ms_per_frame"),

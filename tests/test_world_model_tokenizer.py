@@ -3,6 +3,7 @@
 References are independent: masks built token by token from the paper's sentences, PSNR and the
 image-gradient loss recomputed in float64 numpy, drop rates against the U(0, 0.9) law.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -29,9 +30,14 @@ CONFIG = tok.TokenizerConfig(block=BLOCK, encoder_layers=2, decoder_layers=2, nu
                              latent_channels=4, image_shape=(14, 21, 3), patch_size=7)  # 2x3 patches
 
 
-@pytest.fixture(scope="module", name="model_and_params")
-def fixture_model_and_params():
-  model = tok.Tokenizer(CONFIG)
+# One latent per patch, each starting from its own patch (encoder) and each patch query from its
+# own latent (decoder): the default's layout.
+ALIGNED = dataclasses.replace(CONFIG, num_latents=6, aligned_inputs=True)
+
+
+@pytest.fixture(scope="module", name="model_and_params", params=[CONFIG, ALIGNED], ids=["learned", "aligned"])
+def fixture_model_and_params(request):
+  model = tok.Tokenizer(request.param)
   frames = jnp.zeros((1, 3, *CONFIG.image_shape), jnp.uint8)
   return model, jax.jit(model.init)(jax.random.key(0), frames)["params"]
 
@@ -80,7 +86,7 @@ def test_encoder_is_causal_in_time(model_and_params):
   frames = random_frames(1, (2, 3, *CONFIG.image_shape))
   encode = jax.jit(lambda f: model.apply({"params": params}, f, method=tok.Tokenizer.encode))
   base = np.asarray(encode(frames))
-  assert base.shape == (2, 3, CONFIG.num_latents, CONFIG.latent_channels)
+  assert base.shape == (2, 3, model.config.num_latents, CONFIG.latent_channels)
   for t in range(2):
     changed = frames.copy()
     changed[:, t + 1:] = random_frames(2 + t, changed[:, t + 1:].shape)
@@ -91,7 +97,7 @@ def test_encoder_is_causal_in_time(model_and_params):
 
 def test_decoder_is_causal_in_time(model_and_params):
   model, params = model_and_params
-  latents = np.random.default_rng(3).uniform(-1, 1, (2, 3, CONFIG.num_latents, CONFIG.latent_channels))
+  latents = np.random.default_rng(3).uniform(-1, 1, (2, 3, model.config.num_latents, CONFIG.latent_channels))
   decode = jax.jit(lambda z: model.apply({"params": params}, z, method=tok.Tokenizer.decode))
   base = np.asarray(decode(latents))
   assert base.shape == (2, 3, *CONFIG.image_shape)
@@ -250,6 +256,7 @@ def test_tiny_training_lowers_the_loss_and_reports_psnr(tmp_path):
     (dict(stage="all", data=dict(source="craftax"), rollout=dict(horizon=8)), "rollout.horizon"),
     (dict(tokenizer=dict(num_latents=64, latent_channels=16)), "tokenizer.latent_channels"),
     (dict(tokenizer=dict(patch_size=8)), "tokenizer.patch_size"),
+    (dict(tokenizer=dict(aligned_inputs=True)), "tokenizer.aligned_inputs"),  # 4 latents, 81 patches
     (dict(data=dict(source="craftax", dir="/nonexistent/craftax", generate=False)), "data.dir"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, field):

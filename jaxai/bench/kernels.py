@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxai import host
 from kernels_pallas import block_causal_attention as bca
 from kernels_pallas import shortcut_forcing as sf
 from kernels_pallas import sparse_topk_attention as dsa
@@ -185,7 +186,7 @@ def _measure(case, *, backend, warmup, runs, implementations):
       seconds = _median_seconds(timed, args, warmup=warmup, runs=runs)
       record = {"kernel": case.kernel, "implementation": impl, "pass": pass_name,
                 "backend": backend, "device": jax.devices()[0].device_kind,
-                "dtype": jnp.dtype(case.dtype).name,
+                "host_cpu": host.summary(), "dtype": jnp.dtype(case.dtype).name,
                 "shapes": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in case.shapes.items()},
                 "median_ms": _round(seconds * 1e3), "runs": runs}

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxai import checkpointing, config_lib
+from jaxai import checkpointing, config_lib, host
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import dynamics_stage, realtime, rollout, shortcut_forcing, tokenizer_loss
 from jaxai.world_model import task as wm_task
@@ -166,6 +166,7 @@ def measure(config, workdir: str | None, *, frames: int, context: int, rollout_f
     weights = "random init (speed does not depend on the weights)"
   r, d, t = config.rollout, config.dynamics, config.tokenizer
   common = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "host_cpu": host.summary(),
             "num_steps": r.num_steps, "context": context,
             "compute_dtype": dynamics_stage.rollout_config(config).compute_dtype,
             "dynamics": {"width": d.width, "layers": d.num_layers, "layout": d.layout,

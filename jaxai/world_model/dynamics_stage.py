@@ -17,6 +17,7 @@ Evaluation: ``jaxai.world_model.rollout_eval``.
 """
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -128,9 +129,24 @@ def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
 
 
 def load_tokenizer(config, workdir: str):
-  """(tokenizer model, checkpoint step, params) of the frozen tokenizer this stage reads."""
+  """(tokenizer model, checkpoint step, params) of the frozen tokenizer this stage reads.
+
+  The model is built from the ``tokenizer`` section the tokenizer was trained with (its
+  config.json), not from ``config``'s: some switches (``aligned_inputs``) add no parameter, so a
+  checkpoint would load into the wrong model without an error.
+  """
   from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
-  step, params = checkpointing.restore_params(tokenizer_checkpoints(config, workdir))
+  checkpoints = tokenizer_checkpoints(config, workdir)
+  step, params = checkpointing.restore_params(checkpoints)
+  saved = (config_lib.read_saved_config(os.path.dirname(checkpoints)) or {}).get("tokenizer")
+  if isinstance(saved, dict):
+    changed = config_lib.changed_fields({"tokenizer": saved}, ml_collections.ConfigDict(
+        {"tokenizer": config.tokenizer.to_dict()}))
+    if changed:
+      print(f"tokenizer: built as trained ({os.path.dirname(checkpoints)}/config.json), not as this "
+            f"config says ({'; '.join(changed)})", file=sys.stderr, flush=True)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.tokenizer = ml_collections.ConfigDict(saved)
   return task_lib.make_tokenizer(config), step, params
 
 

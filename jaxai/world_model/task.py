@@ -52,6 +52,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "tokenizer.latent_channels", f"bottleneck num_latents x latent_channels = {t.num_latents} x "
         f"{t.latent_channels} = {t.num_latents * t.latent_channels} values is not {MIN_COMPRESSION}x "
         f"smaller than a frame ({frame_values} values); at most {frame_values // MIN_COMPRESSION}")
+  num_patches = (FRAME_SHAPE[0] // t.patch_size) * (FRAME_SHAPE[1] // t.patch_size)
+  if t.aligned_inputs and t.num_latents != num_patches:
+    raise config_lib.ConfigError("tokenizer.aligned_inputs", f"needs one latent per patch "
+                                 f"({num_patches}), got num_latents={t.num_latents}")
   if not 0.0 <= t.max_mask_prob < 1.0:
     raise config_lib.ConfigError("tokenizer.max_mask_prob", f"must be in [0, 1), got {t.max_mask_prob}")
   if t.perceptual_weight < 0:
@@ -88,7 +92,8 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer
   return tokenizer_lib.Tokenizer(tokenizer_lib.TokenizerConfig(
       block=block_config(config, t), encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
       num_latents=t.num_latents, latent_channels=t.latent_channels, image_shape=FRAME_SHAPE,
-      patch_size=t.patch_size, max_mask_prob=t.max_mask_prob))
+      patch_size=t.patch_size, max_mask_prob=t.max_mask_prob,
+      aligned_inputs=t.get("aligned_inputs", False)))  # absent from tokenizers saved before it existed
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ latents of frames <= t only: the tokenizer can encode a video causally, frame by
 Bottleneck: the encoder's latent tokens are projected to ``latent_channels`` values and squashed by
 tanh; the decoder projects them back to the width and adds a learned per-latent embedding.
 
+Aligned inputs (``aligned_inputs``; not in the paper, needs one latent per patch): latent j enters
+the encoder as its learned token plus patch j's embedding (after masking: a dropped patch gives the
+mask embedding), and patch query j enters the decoder as its learned query plus latent j's
+projection. Every token still reads every other one it may see through the masked attention above;
+the change is that no latent has to learn, through attention alone, which patch is its own. Without
+it, the latents of a tokenizer trained 1000 steps on Craftax put 0.2-8% of their attention on their
+own patch (their strongest key was a latent, not a patch, in 73-88% of cases); with it, held-out
+PSNR at step 500 was 27.9 dB against 20.6-21.7 without (README).
+
 Masked autoencoding: during training each frame draws a drop probability ``q ~ U(0, max_mask_prob)``
 and drops each of its patches independently with probability ``q``; a dropped patch's embedding is
 replaced by a learned mask embedding (before its grid embedding is added, so the place is known).
@@ -50,6 +59,7 @@ class TokenizerConfig:
   image_shape: tuple[int, int, int] = (63, 63, 3)
   patch_size: int = 7
   max_mask_prob: float = 0.9
+  aligned_inputs: bool = False
   token_init_scale: float = 0.02
 
   @property
@@ -206,6 +216,8 @@ class Tokenizer(nn.Module):
       h = jnp.where(dropped[..., None], self.mask_token, h)
     h = h + self.patch_pos
     latents = jnp.broadcast_to(self.latent_tokens, (b, t, c.num_latents, h.shape[-1]))
+    if c.aligned_inputs:  # latent j starts from its own patch's (possibly masked) embedding
+      latents = latents + h
     _, latents = self._run(self.encoder, "encoder", h, latents)
     return jnp.tanh(self.to_bottleneck(self.encoder_norm(latents))), dropped
 
@@ -219,6 +231,8 @@ class Tokenizer(nn.Module):
     b, t = latents.shape[:2]
     z = self.from_bottleneck(latents) + self.latent_pos
     queries = jnp.broadcast_to(self.patch_queries, (b, t, c.num_patches, z.shape[-1]))
+    if c.aligned_inputs:  # patch query j starts from its own latent
+      queries = queries + z
     patches, _ = self._run(self.decoder, "decoder", queries, z)
     pixels = self.to_pixels(self.decoder_norm(patches))
     return (unpatchify(pixels, c.patch_size, c.grid) + 1.0) * 0.5
