@@ -41,11 +41,13 @@ Variants:
            dynamics/metrics.jsonl (eval/rollout_psnr with its baselines, eval/action_top1) and
            dynamics/rollout_step_<N>.png. The dynamics figures below were measured with
            --config.dynamics_train.eval_every=600 added (evaluations at steps 600 and 1200).
-           Measured on 2026-11-29 (2-core CPU, nothing else running; a slow day for this
-           machine: the earlier code ran 1.5-2x slower than on 2026-11-28):
-           - tokenizer, 6000 steps in 44 min (2.2-2.4 steps/s): eval/psnr 20.63 / 23.33 / 24.94 /
-             25.81 / 26.04 / 26.40 / 26.79 dB at steps 500 / 1000 / 2000 / 3000 / 4000 / 4500 /
-             6000. Target 32 dB: not reached (an earlier 7000-step run: 28.60 at 5500, README).
+           Tokenizer, measured on 2026-11-30 on an AVX2-only host (AMD EPYC, no AVX-512 or AMX;
+           about 2x slower than the AMX host of 2026-11-29; a run's first log line names its host):
+           - 2700 steps in 40.6 min (1.0-1.1 steps/s): eval/psnr 25.69 / 28.83 / 31.36 / 32.47 /
+             34.91 / 36.77 / 37.43 dB at steps 300 / 600 / 1200 / 1500 / 1800 / 2400 / 2700
+             (32 dB at 22.8 min); 10th-percentile frame 31.89 dB. Target 32 dB in 45 min: met.
+           Dynamics and speed, measured on 2026-11-29 on the AMX host, on a tokenizer without
+           aligned inputs (6000 steps, 26.79 dB):
            - dynamics, 1200 steps after encoding the latent cache (~2 min): paper model 0.9-0.95
              steps/s (27 min in all), ablation 1.3 steps/s (18 min; no bootstrap passes).
              paper model: eval/rollout_psnr (K = 4, 16 frames after 16) 17.70 dB, the same
