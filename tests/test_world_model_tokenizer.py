@@ -35,6 +35,11 @@ CONFIG = tok.TokenizerConfig(block=BLOCK, encoder_layers=2, decoder_layers=2, nu
 ALIGNED = dataclasses.replace(CONFIG, num_latents=6, aligned_inputs=True)
 
 
+def test_aligned_inputs_need_one_latent_per_patch():
+  with pytest.raises(ValueError, match="one latent per patch"):
+    dataclasses.replace(ALIGNED, num_latents=3)
+
+
 @pytest.fixture(scope="module", name="model_and_params", params=[CONFIG, ALIGNED], ids=["learned", "aligned"])
 def fixture_model_and_params(request):
   model = tok.Tokenizer(request.param)
