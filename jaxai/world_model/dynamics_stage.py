@@ -138,12 +138,13 @@ def load_tokenizer(config, workdir: str):
   from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
   checkpoints = tokenizer_checkpoints(config, workdir)
   step, params = checkpointing.restore_params(checkpoints)
-  saved = (config_lib.read_saved_config(os.path.dirname(checkpoints)) or {}).get("tokenizer")
+  stage_dir = os.path.dirname(checkpoints)
+  saved = (config_lib.read_saved_config(stage_dir) or {}).get("tokenizer")
   if isinstance(saved, dict):
     changed = config_lib.changed_fields({"tokenizer": saved}, ml_collections.ConfigDict(
         {"tokenizer": config.tokenizer.to_dict()}))
     if changed:
-      print(f"tokenizer: built as trained ({os.path.dirname(checkpoints)}/config.json), not as this "
+      print(f"tokenizer: built as trained ({stage_dir}/config.json), not as this "
             f"config says ({'; '.join(changed)})", file=sys.stderr, flush=True)
     config = ml_collections.ConfigDict(config.to_dict())
     config.tokenizer = ml_collections.ConfigDict(saved)
