@@ -6,12 +6,30 @@ import sys
 import time
 
 import numpy as np
+import scipy.linalg
 import tensorboardX
 
 
 def psnr_from_mse(mse):
   """PSNR in dB of mean squared errors of values in [0, 1]; MSE floored at 1e-12 (120 dB)."""
   return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+def frechet_distance(x, y) -> float:
+  """Frechet distance between Gaussians fitted to two sample sets [N, D] and [M, D] (the FID and
+  FVD formula, on whatever features the rows are): |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^1/2).
+
+  A set of predictions pulled towards the mean (blurred) has a shrunken covariance and scores far
+  from the data even when its mean squared error is low. With fewer samples than dimensions the
+  covariances are rank-deficient; the distance is still defined, but biased upwards, so compare
+  only values computed from the same number of samples.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  cross = scipy.linalg.sqrtm(cov_x @ cov_y)
+  # sqrtm of a product of PSD matrices is real up to rounding (and its imaginary part is noise)
+  trace = np.trace(cov_x) + np.trace(cov_y) - 2.0 * np.trace(np.real(cross))
+  return float(np.sum(np.square(x.mean(0) - y.mean(0))) + max(trace, 0.0))
 
 
 def _to_python(value):

@@ -76,7 +76,9 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
   for key in ("eval/rollout_psnr", "eval/rollout_psnr_k8", "eval/rollout_psnr_repeat_last",
               "eval/tokenizer_psnr_future", "eval/rollout_psnr_h1", "eval/action_top1",
               "eval/action_top1_chance", "eval/next_latent_mse", "eval/next_latent_mse_k1",
-              "eval/next_latent_mse_repeat_last"):
+              "eval/next_latent_mse_repeat_last", "eval/rollout_psnr_repeat_last_pixels",
+              "eval/frechet_latent_distance", "eval/frechet_latent_distance_k8",
+              "eval/frechet_latent_distance_real", "eval/frechet_latent_distance_repeat_last"):
     assert key in final, key
   assert 0.0 <= final["eval/action_top1"] <= 1.0 and final["eval/action_states"] == 2
   assert os.path.exists(workdir / "dynamics" / "rollout_step_6.png")
