@@ -10,6 +10,15 @@ an animated GIF (default ``DIR/rollout.gif``; one row per window, the real game 
 right with a red frame while it imagines, 4x nearest-neighbour upscaling) and prints one JSON line
 with the PSNR of each imagined frame (mean over windows) and its mean.
 
+  python -m jaxai.rollout --config=configs/world_model.py --workdir=DIR --evaluate [--seed=N]
+      [--config.rollout.eval_windows=128]
+
+prints, as one JSON line, the held-out evaluation the training run logs (``rollout_eval``: rollout
+PSNR against its baselines, the Frechet latent distance, action top-1) of the run's latest
+checkpoint, computed as in training (``compute_dtype``); ``--seed`` changes the rollout noise
+(default: the one training used at that step). Use it to evaluate on more windows than training
+affords, or with other noise.
+
   python -m jaxai.rollout --config=configs/world_model.py --workdir=DIR --interactive [--port=8000]
 
 serves a page on http://127.0.0.1:PORT/ on which a person plays the imagined world with the
@@ -28,6 +37,7 @@ import threading
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -128,6 +138,22 @@ def rollout_gif(config, models, *, out: str, episodes: int, context: int, horizo
   return {"psnr_per_frame": [round(float(p), 3) for p in psnr], "psnr_mean": round(float(psnr.mean()), 3),
           "windows": len(windows), "context": context, "horizon": horizon, "num_steps": num_steps,
           "gif": out}
+
+
+def evaluate_run(config, workdir: str, *, seed: int | None = None) -> dict:
+  """The held-out evaluation (``rollout_eval.make_evaluate``) of the latest dynamics checkpoint
+  in ``workdir``, in the compute dtype training evaluates in; strips go to ``workdir/evaluate``."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.dynamics.tokenizer_workdir:
+    config.dynamics.tokenizer_workdir = dynamics_stage.saved_tokenizer_workdir(workdir)
+  tokenizer, tokenizer_step, tokenizer_params = dynamics_stage.load_tokenizer(config, workdir)
+  step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
+  heldout = dynamics_stage.load_latents(config, workdir, "heldout", tokenizer, tokenizer_step,
+                                        tokenizer_params, max_episodes=0)
+  evaluate = rollout_eval.make_evaluate(config, dynamics_stage.make_dynamics(config), tokenizer,
+                                        tokenizer_params, heldout, os.path.join(workdir, "evaluate"))
+  return {"step": step, "eval_windows": config.rollout.eval_windows, "seed": seed,
+          **evaluate(params, step, seed=seed)}
 
 
 # --- interactive play -----------------------------------------------------------------------------
@@ -300,8 +326,10 @@ def define_flags():
   flags.DEFINE_integer("context", None, "Real frames before imagining; default rollout.context_frames.")
   flags.DEFINE_integer("horizon", None, "Imagined frames; default rollout.horizon.")
   flags.DEFINE_integer("num_steps", None, "Denoising steps K per frame; default rollout.num_steps.")
-  flags.DEFINE_integer("seed", 0, "Noise of the rollouts and choice of interactive contexts.")
+  flags.DEFINE_integer("seed", None, "Noise of the rollouts and choice of interactive contexts "
+                       "(default 0; with --evaluate, the noise training used at that step).")
   flags.DEFINE_bool("interactive", False, "Serve a page to play the imagined world.")
+  flags.DEFINE_bool("evaluate", False, "Print the held-out evaluation of the latest checkpoint.")
   flags.DEFINE_integer("port", 8000, "Port of the interactive page.")
   flags.DEFINE_string("host", "127.0.0.1", "Address the interactive page listens on.")
 
@@ -320,6 +348,10 @@ def _options(config, args) -> dict:
   k, k_max = options["num_steps"], config.dynamics.k_max
   if k & (k - 1) or not 1 <= k <= k_max:
     raise UsageError(f"num_steps: must be a power of two in [1, dynamics.k_max={k_max}], got {k}")
+  if args.evaluate and args.interactive:
+    raise UsageError("evaluate: --evaluate and --interactive are two different modes; pick one")
+  if args.evaluate and config.rollout.eval_windows < 1:
+    raise UsageError(f"rollout.eval_windows: must be positive, got {config.rollout.eval_windows}")
   window = config.dynamics.window_len
   if args.interactive:
     if options["context"] > window:
@@ -344,6 +376,15 @@ def main(argv):
     options = _options(config, args)
   except UsageError as e:
     config_lib.fail("config error", str(e))
+  if args.evaluate:
+    try:
+      print(json.dumps(evaluate_run(config, args.workdir, seed=args.seed)), flush=True)
+    except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
+      config_lib.fail("checkpoint error", f"{e} (train the world model first)")
+    except craftax_dataset.DatasetError as e:
+      config_lib.fail("config error", f"data.dir: {e}")
+    return
+  seed = 0 if args.seed is None else args.seed
   try:
     models = dynamics_stage.load_world_model(config, args.workdir)
   except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
@@ -352,10 +393,10 @@ def main(argv):
   try:
     if args.interactive:
       serve(config, models, context=options["context"], num_steps=options["num_steps"], host=args.host,
-            port=args.port, seed=args.seed)
+            port=args.port, seed=seed)
     else:
       out = args.out or os.path.join(args.workdir, "rollout.gif")
-      print(json.dumps(rollout_gif(config, models, out=out, episodes=args.episodes, seed=args.seed,
+      print(json.dumps(rollout_gif(config, models, out=out, episodes=args.episodes, seed=seed,
                                    **options)), flush=True)
   except UsageError as e:
     config_lib.fail("config error", str(e))

@@ -183,3 +183,20 @@ def test_rollout_command_writes_a_side_by_side_gif(tmp_path):
     assert sum(durations) == (3 + 2) * 250  # the context, then the imagined frames
     # 2 windows in rows, real and imagined side by side, each 63 + 2 border pixels, 4x upscaled.
     assert image.size == (4 * (2 * 65 + 3 * 2), 4 * (2 * 65 + 3 * 2))
+
+  # --evaluate reproduces the evaluation training logged at its last step (same windows, noise,
+  # dtype and tokenizer), and another seed changes the rollouts but not the baselines.
+  with open(workdir / "dynamics" / "metrics.jsonl", encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f][-1]
+  evaluated = _rollout_command(f"--config.data.dir={data_dir}", f"--workdir={workdir}", "--evaluate")
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  record = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert record["step"] == logged["step"]
+  for key in ("eval/rollout_psnr", "eval/rollout_psnr_k8", "eval/frechet_latent_distance",
+              "eval/rollout_psnr_repeat_last", "eval/action_top1"):
+    assert record[key] == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key
+  reseeded = _rollout_command(f"--config.data.dir={data_dir}", f"--workdir={workdir}", "--evaluate",
+                              "--seed=7", "--config.rollout.action_states=0")
+  other = json.loads(reseeded.stdout.strip().splitlines()[-1])
+  assert other["seed"] == 7 and other["eval/rollout_psnr"] != record["eval/rollout_psnr"]
+  assert other["eval/rollout_psnr_repeat_last"] == record["eval/rollout_psnr_repeat_last"]

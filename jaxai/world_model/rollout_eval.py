@@ -87,7 +87,7 @@ def _horizon_metrics(prefix: str, psnr: np.ndarray) -> dict:
 
 def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_lib.LatentSteps,
                   out_dir: str):
-  """(dynamics params, step) -> metrics; see the module docstring."""
+  """(dynamics params, step, seed=None) -> metrics; see the module docstring."""
   r = config.rollout
   length = r.context_frames + r.horizon
   split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
@@ -133,8 +133,10 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   }
   action_states = _action_states(config, split, heldout) if r.action_states else None
 
-  def evaluate(params, step):
-    rng = jax.random.key(step)  # the same noise for K = 4 and the K = 64 baseline
+  def evaluate(params, step, seed=None):
+    # The same noise for K = 4 and the K = 64 baseline; by default the step's, so that runs
+    # evaluated at the same step (a model and its ablation) share it.
+    rng = jax.random.key(step if seed is None else seed)
     metrics = dict(fixed)
     predicted = None
     for num_steps in (r.num_steps, r.baseline_steps):
