@@ -28,11 +28,13 @@ and gets the next imagined frame back as a PNG (``realtime.ImaginedWorld``, slid
 section. Errors end the run with one line, ``config error: ...`` or ``checkpoint error: ...``, and
 exit code 2.
 """
+import contextlib
 import http.server
 import io
 import json
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -378,7 +380,9 @@ def main(argv):
     config_lib.fail("config error", str(e))
   if args.evaluate:
     try:
-      print(json.dumps(evaluate_run(config, args.workdir, seed=args.seed)), flush=True)
+      with contextlib.redirect_stdout(sys.stderr):  # craftax prints while it loads its textures
+        record = evaluate_run(config, args.workdir, seed=args.seed)
+      print(json.dumps(record), flush=True)
     except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
       config_lib.fail("checkpoint error", f"{e} (train the world model first)")
     except craftax_dataset.DatasetError as e:

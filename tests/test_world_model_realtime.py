@@ -190,7 +190,8 @@ def test_rollout_command_writes_a_side_by_side_gif(tmp_path):
     logged = [json.loads(line) for line in f][-1]
   evaluated = _rollout_command(f"--config.data.dir={data_dir}", f"--workdir={workdir}", "--evaluate")
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-  record = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert len(evaluated.stdout.strip().splitlines()) == 1, evaluated.stdout  # one JSON line
+  record = json.loads(evaluated.stdout)
   assert record["step"] == logged["step"]
   for key in ("eval/rollout_psnr", "eval/rollout_psnr_k8", "eval/frechet_latent_distance",
               "eval/rollout_psnr_repeat_last", "eval/action_top1"):
