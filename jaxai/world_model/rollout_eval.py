@@ -115,9 +115,9 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   def imagine(params, context, actions, labelled, rng, num_steps):
     return np.asarray(decode(imagine_latents(params, context, actions, labelled, rng, num_steps)))
 
-  tokenizer_future = np.asarray(decode(window_latents[:, r.context_frames:]))
-  latent_mse = lambda a, b: float(np.mean((np.asarray(a, np.float32) - b) ** 2))
   future_latents = window_latents[:, r.context_frames:]
+  tokenizer_future = np.asarray(decode(future_latents))
+  latent_mse = lambda a, b: float(np.mean((np.asarray(a, np.float32) - b) ** 2))
   next_latents = window_latents[:, r.context_frames]
   fixed = {
       "eval/next_latent_mse_repeat_last": latent_mse(context[:, -1], next_latents),
@@ -127,9 +127,9 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
       **_horizon_metrics("eval/rollout_psnr_repeat_last_pixels",
                          frame_psnr(np.repeat(frames[:, r.context_frames - 1:r.context_frames] / 255.0,
                                               r.horizon, axis=1), future)),
-      "eval/frechet_latent_distance_real": latent_frechet(context, window_latents[:, r.context_frames:]),
+      "eval/frechet_latent_distance_real": latent_frechet(context, future_latents),
       "eval/frechet_latent_distance_repeat_last": latent_frechet(
-          np.repeat(context[:, -1:], r.horizon, axis=1), window_latents[:, r.context_frames:]),
+          np.repeat(context[:, -1:], r.horizon, axis=1), future_latents),
   }
   action_states = _action_states(config, split, heldout) if r.action_states else None
 
