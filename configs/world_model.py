@@ -58,6 +58,8 @@ Variants:
            which rewards the conditional mean, it reverses. Repeating the last frame (decoded)
            18.74 (16 frames ahead 16.01, the model 16.57); tokenizer ceiling 37.63. Action top-1
            (32 states during training) 0.44, ablation 0.47, chance 0.38.
+           With the three switches below (0.5 / True / 0.3), 32 windows: 19.39 dB at K = 4
+           (the paper model 18.46, decoded copy 19.29), action_top1 0.69.
            Dynamics and speed, measured on 2026-11-29 on the AMX host, on a tokenizer without
            aligned inputs (6000 steps, 26.79 dB):
            - dynamics, 1200 steps after encoding the latent cache (~2 min): paper model 0.9-0.95
