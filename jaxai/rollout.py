@@ -39,7 +39,6 @@ import threading
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -143,17 +142,13 @@ def rollout_gif(config, models, *, out: str, episodes: int, context: int, horizo
 
 
 def evaluate_run(config, workdir: str, *, seed: int | None = None) -> dict:
-  """The held-out evaluation (``rollout_eval.make_evaluate``) of the latest dynamics checkpoint
+  """The held-out evaluation (``dynamics_stage.heldout_evaluator``) of the latest dynamics checkpoint
   in ``workdir``, in the compute dtype training evaluates in; strips go to ``workdir/evaluate``."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if not config.dynamics.tokenizer_workdir:
-    config.dynamics.tokenizer_workdir = dynamics_stage.saved_tokenizer_workdir(workdir)
-  tokenizer, tokenizer_step, tokenizer_params = dynamics_stage.load_tokenizer(config, workdir)
+  config = dynamics_stage.with_trained_tokenizer(config, workdir)
   step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
-  heldout = dynamics_stage.load_latents(config, workdir, "heldout", tokenizer, tokenizer_step,
-                                        tokenizer_params, max_episodes=0)
-  evaluate = rollout_eval.make_evaluate(config, dynamics_stage.make_dynamics(config), tokenizer,
-                                        tokenizer_params, heldout, os.path.join(workdir, "evaluate"))
+  evaluate = dynamics_stage.heldout_evaluator(config, workdir, dynamics_stage.make_dynamics(config),
+                                              *dynamics_stage.load_tokenizer(config, workdir),
+                                              out_dir=os.path.join(workdir, "evaluate"))
   return {"step": step, "eval_windows": config.rollout.eval_windows, "seed": seed,
           **evaluate(params, step, seed=seed)}
 

@@ -181,8 +181,17 @@ def model_inputs(batch: dict) -> dict:
   return {"latents": batch["latents"].astype(jnp.float32), "actions": actions, "action_mask": labelled}
 
 
-def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
+def heldout_evaluator(config, workdir: str, model, tokenizer, tokenizer_step: int, tokenizer_params, *,
+                      out_dir: str):
+  """``rollout_eval.make_evaluate`` over the held-out split, encoded by the frozen tokenizer (or read
+  from its latent cache): (dynamics params, step, seed=None) -> metrics."""
   from jaxai.world_model import rollout_eval  # pylint: disable=g-import-not-at-top
+  heldout = load_latents(config, workdir, "heldout", tokenizer, tokenizer_step, tokenizer_params,
+                         max_episodes=0)
+  return rollout_eval.make_evaluate(config, model, tokenizer, tokenizer_params, heldout, out_dir)
+
+
+def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
   d = config.dynamics
   model = make_dynamics(config)
   cache = {}
@@ -211,11 +220,8 @@ def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
 
   def evaluate(params, step):
     if "evaluate" not in cache:
-      tokenizer, tokenizer_step, tokenizer_params = frozen_tokenizer()
-      heldout = load_latents(config, workdir, "heldout", tokenizer, tokenizer_step, tokenizer_params,
-                             max_episodes=0)
-      cache["evaluate"] = rollout_eval.make_evaluate(config, model, tokenizer, tokenizer_params, heldout,
-                                                     os.path.join(workdir, "dynamics"))
+      cache["evaluate"] = heldout_evaluator(config, workdir, model, *frozen_tokenizer(),
+                                            out_dir=os.path.join(workdir, "dynamics"))
     return cache["evaluate"](params, step)
 
   return Task(name="dynamics", config=stage_config(config), init_params=init_params, loss=loss,
@@ -239,14 +245,21 @@ def saved_tokenizer_workdir(workdir: str) -> str:
   return (dynamics.get("tokenizer_workdir") or "") if isinstance(dynamics, dict) else ""
 
 
+def with_trained_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``dynamics.tokenizer_workdir`` is the one the run in ``workdir`` was
+  trained with, unless ``config`` names one."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.dynamics.tokenizer_workdir:
+    config.dynamics.tokenizer_workdir = saved_tokenizer_workdir(workdir)
+  return config
+
+
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``,
   computing in ``rollout.compute_dtype``. The tokenizer is the one the run was trained on (a run
   whose dynamics read another run's tokenizer finds it there) unless ``dynamics.tokenizer_workdir``
   names one."""
-  config = ml_collections.ConfigDict(rollout_config(config).to_dict())
-  if not config.dynamics.tokenizer_workdir:
-    config.dynamics.tokenizer_workdir = saved_tokenizer_workdir(workdir)
+  config = with_trained_tokenizer(rollout_config(config), workdir)
   tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
   _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
   return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params

@@ -119,17 +119,17 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   tokenizer_future = np.asarray(decode(future_latents))
   latent_mse = lambda a, b: float(np.mean((np.asarray(a, np.float32) - b) ** 2))
   next_latents = window_latents[:, r.context_frames]
+  repeated_last = np.repeat(context[:, -1:], r.horizon, axis=1)  # the copy baseline's latents
   fixed = {
       "eval/next_latent_mse_repeat_last": latent_mse(context[:, -1], next_latents),
       **_horizon_metrics("eval/tokenizer_psnr_future", frame_psnr(tokenizer_future, future)),
       **_horizon_metrics("eval/rollout_psnr_repeat_last",
-                         frame_psnr(np.asarray(decode(np.repeat(context[:, -1:], r.horizon, axis=1))), future)),
+                         frame_psnr(np.asarray(decode(repeated_last)), future)),
       **_horizon_metrics("eval/rollout_psnr_repeat_last_pixels",
                          frame_psnr(np.repeat(frames[:, r.context_frames - 1:r.context_frames] / 255.0,
                                               r.horizon, axis=1), future)),
       "eval/frechet_latent_distance_real": latent_frechet(context, future_latents),
-      "eval/frechet_latent_distance_repeat_last": latent_frechet(
-          np.repeat(context[:, -1:], r.horizon, axis=1), future_latents),
+      "eval/frechet_latent_distance_repeat_last": latent_frechet(repeated_last, future_latents),
   }
   action_states = _action_states(config, split, heldout) if r.action_states else None
 
