@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -26,7 +27,10 @@ def frechet_distance(x, y) -> float:
   """
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-  cross = scipy.linalg.sqrtm(cov_x @ cov_y)
+  # Rank-deficient covariances (see above, or a set that does not vary) make the product singular.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    cross = scipy.linalg.sqrtm(cov_x @ cov_y)
   # sqrtm of a product of PSD matrices is real up to rounding (and its imaginary part is noise)
   trace = np.trace(cov_x) + np.trace(cov_y) - 2.0 * np.trace(np.real(cross))
   return float(np.sum(np.square(x.mean(0) - y.mean(0))) + max(trace, 0.0))

@@ -34,6 +34,36 @@ def test_short_batches_are_the_long_windows_cut_in_order():
       np.testing.assert_array_equal(short["actions"][4 * row + k], batch["actions"][row, 2 * k:2 * k + 2])
 
 
+def _moving_fields(rng, windows: int, frames: int) -> np.ndarray:
+  """[W, T, L, C] latents of a random field that slides one cell per frame, each window its own
+  direction and start: the kind of motion a view of the game makes."""
+  fields = rng.normal(size=(windows, 16, 2))
+  steps = rng.choice([-1, 1], size=windows)
+  return np.stack([np.stack([np.roll(f, s * t, axis=0) for t in range(frames)])
+                   for f, s in zip(fields, steps)]).astype(np.float32)
+
+
+def test_change_distance_sees_the_motion_the_frame_distance_cannot():
+  rng = np.random.default_rng(0)
+  real = _moving_fields(rng, 96, 17)
+  last, future = real[:, 0], real[:, 1:]
+  changes = lambda frames: rollout_eval.frame_changes(last, frames)
+  np.testing.assert_allclose(changes(future), np.diff(real, axis=1))
+  # The same frames in a random order within each window: the same set of frames (FLD 0), but they
+  # jump instead of sliding.
+  shuffled = np.stack([w[rng.permutation(16)] for w in future])
+  assert rollout_eval.latent_frechet(shuffled, future) == pytest.approx(0.0, abs=1e-6)
+  # Another draw of the same process: the right motion, on other fields.
+  other = _moving_fields(rng, 96, 17)
+  sample_noise = rollout_eval.latent_frechet(rollout_eval.frame_changes(other[:, 0], other[:, 1:]),
+                                             changes(future))
+  assert rollout_eval.latent_frechet(changes(shuffled), changes(future)) > 5 * sample_noise
+  copy = np.repeat(last[:, None], 16, axis=1)  # no change at all: |mu|^2 + tr(S) of the real changes
+  expected = np.trace(np.cov(np.diff(real, axis=1).reshape(-1, 32), rowvar=False)) + \
+      np.sum(np.diff(real, axis=1).reshape(-1, 32).mean(0) ** 2)
+  assert rollout_eval.latent_frechet(changes(copy), changes(future)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_action_top1_counts_equivalent_actions_as_right():
   # 3 states; outcomes[s, a] is the real next frame of action a (actions 0 and 1 do the same thing).
   n, h = 3, 2
@@ -78,7 +108,9 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
               "eval/action_top1_chance", "eval/next_latent_mse", "eval/next_latent_mse_k1",
               "eval/next_latent_mse_repeat_last", "eval/rollout_psnr_repeat_last_pixels",
               "eval/frechet_latent_distance", "eval/frechet_latent_distance_k8",
-              "eval/frechet_latent_distance_real", "eval/frechet_latent_distance_repeat_last"):
+              "eval/frechet_latent_distance_real", "eval/frechet_latent_distance_repeat_last",
+              "eval/frechet_change_distance", "eval/frechet_change_distance_k8",
+              "eval/frechet_change_distance_real", "eval/frechet_change_distance_repeat_last"):
     assert key in final, key
   assert 0.0 <= final["eval/action_top1"] <= 1.0 and final["eval/action_states"] == 2
   assert os.path.exists(workdir / "dynamics" / "rollout_step_6.png")

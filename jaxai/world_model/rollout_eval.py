@@ -26,6 +26,13 @@ flattened into one vector (``metrics.frechet_distance``). ``eval/frechet_latent_
 between the real context frames and the real future frames of the same windows, is the floor
 set by the finite sample; copies of real frames score near it whatever their timing.
 
+FLD sees each frame alone, not the motion: real frames in a wrong order score on its floor.
+``eval/frechet_change_distance`` (``_k<baseline_steps>``, ``_repeat_last``, ``_real``) is the
+same distance between the frame-to-frame changes of the latents, z_t - z_{t-1}, from the last
+context frame to the first imagined one and on through the horizon, against those of the real
+future; ``_real`` compares the changes within the real context with them (the floor). A copy of
+the last frame (no change at all) scores far from it; so do frames that look right but jump.
+
 ``eval/next_latent_mse`` (K = ``rollout.num_steps``) against ``eval/next_latent_mse_repeat_last``:
 the first imagined frame against the real one in latent space, and the last context frame's
 latents as the prediction. Free of the tokenizer's decoding error, this shows directly whether
@@ -69,6 +76,13 @@ def latent_frechet(a: np.ndarray, b: np.ndarray) -> float:
   """Frechet distance between two sets of frames' latents [..., L, C], one vector per frame."""
   flat = lambda z: np.asarray(z, np.float64).reshape(-1, z.shape[-2] * z.shape[-1])
   return metrics.frechet_distance(flat(a), flat(b))
+
+
+def frame_changes(last_context: np.ndarray, frames: np.ndarray) -> np.ndarray:
+  """[W, L, C] and [W, T, L, C] -> the T changes [W, T, L, C] from the last context frame on."""
+  sequence = np.concatenate([np.asarray(last_context, np.float32)[:, None],
+                             np.asarray(frames, np.float32)], axis=1)
+  return sequence[:, 1:] - sequence[:, :-1]
 
 
 def _evenly(items: np.ndarray, count: int) -> np.ndarray:
@@ -120,6 +134,7 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   latent_mse = lambda a, b: float(np.mean((np.asarray(a, np.float32) - b) ** 2))
   next_latents = window_latents[:, r.context_frames]
   repeated_last = np.repeat(context[:, -1:], r.horizon, axis=1)  # the copy baseline's latents
+  future_changes = frame_changes(context[:, -1], future_latents)
   fixed = {
       "eval/next_latent_mse_repeat_last": latent_mse(context[:, -1], next_latents),
       **_horizon_metrics("eval/tokenizer_psnr_future", frame_psnr(tokenizer_future, future)),
@@ -130,6 +145,10 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
                                               r.horizon, axis=1), future)),
       "eval/frechet_latent_distance_real": latent_frechet(context, future_latents),
       "eval/frechet_latent_distance_repeat_last": latent_frechet(repeated_last, future_latents),
+      "eval/frechet_change_distance_real": latent_frechet(
+          frame_changes(context[:, 0], context[:, 1:]), future_changes),
+      "eval/frechet_change_distance_repeat_last": latent_frechet(
+          frame_changes(context[:, -1], repeated_last), future_changes),
   }
   action_states = _action_states(config, split, heldout) if r.action_states else None
 
@@ -147,6 +166,8 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
       suffix = "" if num_steps == r.num_steps else f"_k{num_steps}"
       metrics.update(_horizon_metrics(f"eval/rollout_psnr{suffix}", frame_psnr(imagined, future)))
       metrics[f"eval/frechet_latent_distance{suffix}"] = latent_frechet(latents, future_latents)
+      metrics[f"eval/frechet_change_distance{suffix}"] = latent_frechet(
+          frame_changes(context[:, -1], latents), future_changes)
       predicted = imagined if num_steps == r.num_steps else predicted
     one_step = imagine_latents(params, context, actions[:, :r.context_frames + 1],
                                labelled[:, :r.context_frames + 1], rng, 1)
