@@ -144,7 +144,7 @@ def rollout_gif(config, models, *, out: str, episodes: int, context: int, horizo
 def evaluate_run(config, workdir: str, *, seed: int | None = None) -> dict:
   """The held-out evaluation (``dynamics_stage.heldout_evaluator``) of the latest dynamics checkpoint
   in ``workdir``, in the compute dtype training evaluates in; strips go to ``workdir/evaluate``."""
-  config = dynamics_stage.with_trained_tokenizer(config, workdir)
+  config = dynamics_stage.as_trained(config, workdir)
   step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
   evaluate = dynamics_stage.heldout_evaluator(config, workdir, dynamics_stage.make_dynamics(config),
                                               *dynamics_stage.load_tokenizer(config, workdir),

@@ -91,7 +91,7 @@ def test_action_top1_counts_equivalent_actions_as_right():
       result["eval/action_top1_chance"])
 
 
-def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
+def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path, capsys):
   config = world_model_config.get_config("tiny")
   config.stage = "all"
   config.data.update(source="craftax", variant="tiny", dir=str(tmp_path / "data"), generate=True)
@@ -127,7 +127,11 @@ def test_tiny_stage_all_trains_both_stages_and_evaluates(tmp_path):
   fresh.data.update(config.data)
   # A tokenizer field that changes no parameter shape: the model must still be built as trained.
   fresh.tokenizer.max_mask_prob = 0.5
-  tokenizer, tokenizer_params, _, _ = dynamics_stage.load_world_model(fresh, str(tmp_path / "ablation"))
+  tokenizer, tokenizer_params, dynamics, _ = dynamics_stage.load_world_model(fresh, str(tmp_path / "ablation"))
   _, expected = checkpointing.restore_params(str(workdir / "tokenizer" / "checkpoints"))
   chex.assert_trees_all_equal(tokenizer_params, expected)
   assert tokenizer.config.max_mask_prob == config.tokenizer.max_mask_prob != 0.5
+  # Nor is the ablation run as a shortcut model (same parameters, told other step sizes) because
+  # this config does not say shortcut=False.
+  assert fresh.dynamics.shortcut and not dynamics.config.shortcut
+  assert "dynamics: built as trained" in capsys.readouterr().err

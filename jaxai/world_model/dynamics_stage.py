@@ -138,17 +138,27 @@ def load_tokenizer(config, workdir: str):
   from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
   checkpoints = tokenizer_checkpoints(config, workdir)
   step, params = checkpointing.restore_params(checkpoints)
-  stage_dir = os.path.dirname(checkpoints)
-  saved = (config_lib.read_saved_config(stage_dir) or {}).get("tokenizer")
-  if isinstance(saved, dict):
-    changed = config_lib.changed_fields({"tokenizer": saved}, ml_collections.ConfigDict(
-        {"tokenizer": config.tokenizer.to_dict()}))
-    if changed:
-      print(f"tokenizer: built as trained ({stage_dir}/config.json), not as this "
-            f"config says ({'; '.join(changed)})", file=sys.stderr, flush=True)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.tokenizer = ml_collections.ConfigDict(saved)
+  config = _section_as_trained(config, os.path.dirname(checkpoints), "tokenizer")
   return task_lib.make_tokenizer(config), step, params
+
+
+def _section_as_trained(config: ml_collections.ConfigDict, stage_dir: str, section: str,
+                        keep: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``section`` is the one the stage in ``stage_dir`` was trained with
+  (its config.json), but for the fields in ``keep`` and those the file does not have (added since);
+  ``config`` itself if the file is missing. A difference is said on stderr."""
+  saved = (config_lib.read_saved_config(stage_dir) or {}).get(section)
+  if not isinstance(saved, dict):
+    return config
+  now = config[section].to_dict()
+  saved = {**now, **saved, **{k: now[k] for k in keep}}
+  changed = config_lib.changed_fields({section: saved}, ml_collections.ConfigDict({section: now}))
+  if changed:
+    print(f"{section}: built as trained ({stage_dir}/config.json), not as this "
+          f"config says ({'; '.join(changed)})", file=sys.stderr, flush=True)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config[section] = ml_collections.ConfigDict(saved)
+  return config
 
 
 def encoder_fn(tokenizer):
@@ -237,21 +247,14 @@ def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-def saved_tokenizer_workdir(workdir: str) -> str:
-  """The ``dynamics.tokenizer_workdir`` the dynamics run in ``workdir`` was trained with (its
-  dynamics/config.json), "" if it read its own or the file is missing or unreadable."""
-  saved = config_lib.read_saved_config(os.path.join(workdir, "dynamics")) or {}
-  dynamics = saved.get("dynamics")
-  return (dynamics.get("tokenizer_workdir") or "") if isinstance(dynamics, dict) else ""
-
-
-def with_trained_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose ``dynamics.tokenizer_workdir`` is the one the run in ``workdir`` was
-  trained with, unless ``config`` names one."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if not config.dynamics.tokenizer_workdir:
-    config.dynamics.tokenizer_workdir = saved_tokenizer_workdir(workdir)
-  return config
+def as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``dynamics`` section is the one the run in ``workdir`` was trained
+  with (its dynamics/config.json), to load that run: some fields change what the model computes and
+  no parameter shape (``shortcut``: the step size the network is told), so a checkpoint would
+  otherwise run as another model without an error. ``dynamics.tokenizer_workdir`` stays
+  ``config``'s if it names one, else it is the one the run read."""
+  keep = ("tokenizer_workdir",) if config.dynamics.tokenizer_workdir else ()
+  return _section_as_trained(config, os.path.join(workdir, "dynamics"), "dynamics", keep=keep)
 
 
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
@@ -259,7 +262,7 @@ def load_world_model(config: ml_collections.ConfigDict, workdir: str):
   computing in ``rollout.compute_dtype``. The tokenizer is the one the run was trained on (a run
   whose dynamics read another run's tokenizer finds it there) unless ``dynamics.tokenizer_workdir``
   names one."""
-  config = with_trained_tokenizer(rollout_config(config), workdir)
+  config = as_trained(rollout_config(config), workdir)
   tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
   _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
   return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params
