@@ -1,10 +1,10 @@
 """Can a dynamics config learn action effects at all? A synthetic world that isolates the question.
 
   python -m jaxai.world_model.synthetic_actions --config=configs/world_model.py [--steps=2000]
-      [--eval_every=250] [--config.dynamics.previous_frame=True ...]
+      [--eval_every=250] [--config.dynamics.previous_frame=False ...]
 
-On recorded Craftax play the dynamics model has not learned what the action does (issue 5:
-eval/action_top1 at chance). That could be the data, the tokenizer's latents, or the model and
+On recorded Craftax play the paper's dynamics model did not learn what the action does (issue 5:
+eval/action_top1 near chance). That could be the data, the tokenizer's latents, or the model and
 objective. Here the tokenizer and the data are taken out: each sequence starts from random latents
 tanh(N(0, 1)) of the tokenizer's size [num_latents, latent_channels], laid out as a torus grid
 (rows x columns of latent tokens), and each next frame is the last one shifted by one grid cell as
