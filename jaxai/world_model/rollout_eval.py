@@ -80,9 +80,8 @@ def latent_frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def frame_changes(last_context: np.ndarray, frames: np.ndarray) -> np.ndarray:
   """[W, L, C] and [W, T, L, C] -> the T changes [W, T, L, C] from the last context frame on."""
-  sequence = np.concatenate([np.asarray(last_context, np.float32)[:, None],
-                             np.asarray(frames, np.float32)], axis=1)
-  return sequence[:, 1:] - sequence[:, :-1]
+  return np.diff(np.asarray(frames, np.float32), axis=1,
+                 prepend=np.asarray(last_context, np.float32)[:, None])
 
 
 def _evenly(items: np.ndarray, count: int) -> np.ndarray:
