@@ -144,13 +144,12 @@ def rollout_gif(config, models, *, out: str, episodes: int, context: int, horizo
 def evaluate_run(config, workdir: str, *, seed: int | None = None) -> dict:
   """The held-out evaluation (``dynamics_stage.heldout_evaluator``) of the latest dynamics checkpoint
   in ``workdir``, in the compute dtype training evaluates in; strips go to ``workdir/evaluate``."""
-  config = dynamics_stage.as_trained(config, workdir)
-  step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
-  evaluate = dynamics_stage.heldout_evaluator(config, workdir, dynamics_stage.make_dynamics(config),
-                                              *dynamics_stage.load_tokenizer(config, workdir),
+  run = dynamics_stage.load_run(config, workdir)
+  evaluate = dynamics_stage.heldout_evaluator(run.config, workdir, run.dynamics, run.tokenizer,
+                                              run.tokenizer_step, run.tokenizer_params,
                                               out_dir=os.path.join(workdir, "evaluate"))
-  return {"step": step, "eval_windows": config.rollout.eval_windows, "seed": seed,
-          **evaluate(params, step, seed=seed)}
+  return {"step": run.step, "eval_windows": run.config.rollout.eval_windows, "seed": seed,
+          **evaluate(run.params, run.step, seed=seed)}
 
 
 # --- interactive play -----------------------------------------------------------------------------

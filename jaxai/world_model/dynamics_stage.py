@@ -18,6 +18,7 @@ Evaluation: ``jaxai.world_model.rollout_eval``.
 import functools
 import os
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -257,12 +258,30 @@ def as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collection
   return _section_as_trained(config, os.path.join(workdir, "dynamics"), "dynamics", keep=keep)
 
 
+class TrainedRun(NamedTuple):
+  """A trained world-model run, built as it was trained (``as_trained``)."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  tokenizer_step: int
+  tokenizer_params: Any
+  dynamics: dynamics_lib.Dynamics
+  step: int                 # of the dynamics checkpoint
+  params: Any               # the dynamics parameters
+
+
+def load_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
+  """The latest checkpoints of the run in ``workdir``, computing in ``config.compute_dtype``. The
+  tokenizer is the one the run was trained on (a run whose dynamics read another run's tokenizer
+  finds it there) unless ``dynamics.tokenizer_workdir`` names one."""
+  config = as_trained(config, workdir)
+  tokenizer, tokenizer_step, tokenizer_params = load_tokenizer(config, workdir)
+  step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
+  return TrainedRun(config, tokenizer, tokenizer_step, tokenizer_params, make_dynamics(config), step,
+                    params)
+
+
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
-  """(tokenizer, tokenizer params, dynamics, dynamics params) of a trained run in ``workdir``,
-  computing in ``rollout.compute_dtype``. The tokenizer is the one the run was trained on (a run
-  whose dynamics read another run's tokenizer finds it there) unless ``dynamics.tokenizer_workdir``
-  names one."""
-  config = as_trained(rollout_config(config), workdir)
-  tokenizer, _, tokenizer_params = load_tokenizer(config, workdir)
-  _, dynamics_params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
-  return tokenizer, tokenizer_params, make_dynamics(config), dynamics_params
+  """(tokenizer, tokenizer params, dynamics, dynamics params) of ``load_run``, computing in
+  ``rollout.compute_dtype``."""
+  run = load_run(rollout_config(config), workdir)
+  return run.tokenizer, run.tokenizer_params, run.dynamics, run.params
