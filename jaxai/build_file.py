@@ -1,8 +1,10 @@
 """Renders the Bazel ``BUILD`` file from the tree: a py_library per module, a py_test per test file.
 
-Dependencies come from each file's imports, so the file stays true as code moves:
+Dependencies come from each file's imports (every import statement, those inside functions too),
+so the file stays true as code moves:
     python -m jaxai.build_file --write     # regenerate BUILD
-tests/test_build_file.py fails when BUILD and the tree disagree.
+tests/trunk/test_build_file.py fails when BUILD and the tree disagree, and
+tests/trunk/test_layering.py when ``module_graph()`` has a cycle or an arrow the house plan forbids.
 """
 import ast
 import os
@@ -15,7 +17,7 @@ THIRD_PARTY = {
     "absl": "absl-py", "array_record": "array-record", "chex": "chex", "craftax": "craftax",
     "etils": "etils", "flax": "flax", "grain": "grain", "jax": "jax", "ml_collections": "ml-collections",
     "numpy": "numpy", "optax": "optax", "orbax": "orbax-checkpoint", "PIL": "pillow", "portpicker": "portpicker",
-    "pytest": "pytest", "scipy": "scipy", "tensorboardX": "tensorboardX",
+    "pytest": "pytest", "rlax": "rlax", "scipy": "scipy", "tensorboardX": "tensorboardX",
     "tensorflow_datasets": "tensorflow-datasets", "tqdm": "tqdm",
 }
 
@@ -50,8 +52,20 @@ def _imports(path):
   return names
 
 
+def _libraries() -> dict[str, str]:
+  return {_module_name(p): p for d in LIBRARY_DIRS for p in _python_files(d)}
+
+
+def module_graph() -> dict[str, set[str]]:
+  """Library module -> the library modules it imports (a package's ``__init__`` counts as the
+  package), from the same imports BUILD's deps come from."""
+  libraries = _libraries()
+  return {module: {name for name in _imports(path) if name in libraries and name != module}
+          for module, path in libraries.items()}
+
+
 def render() -> str:
-  libraries = {_module_name(p): p for d in LIBRARY_DIRS for p in _python_files(d)}
+  libraries = _libraries()
   tests = [p for p in _python_files("tests")]
 
   def deps(path):

@@ -7,8 +7,10 @@ one mesh restores on any other (orbax reshards on load).
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
+from typing import Any
 
 import grain
 import jax
@@ -62,8 +64,16 @@ def _quiet_failed_restore():
   logging.getLogger("asyncio").removeFilter(tasks_filter)
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """``Type: first line`` of an error, cut to ``limit`` characters (tensorstore's run long)."""
+  text = str(error).splitlines()[0] if str(error) else ""
+  text = re.sub(r" <bound method [^>]*>", "", text)
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 class Checkpointer:
-  """Async, keep-last-N checkpoints of ``{'state': train state, 'data': grain iterator}``."""
+  """Async, keep-last-N checkpoints of ``{'state': train state, 'data': grain iterator}`` (the data
+  item only for stages that read a grain iterator)."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -86,20 +96,57 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def restore(self, step: int, abstract_state, data_iterator):
+  def readable_steps(self, before: int) -> list[int]:
+    """Steps before ``before`` whose metadata reads back: the candidates to resume from."""
+    steps = []
+    for step in self.all_steps():
+      if step >= before:
+        continue
+      try:
+        with _quiet_failed_restore():
+          self.manager.item_metadata(step)
+        steps.append(step)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    return steps
+
+  def set_aside_after(self, step: int) -> list[str]:
+    """Moves the checkpoints after ``step`` into ``<directory>_set_aside/`` (never deletes them), so
+    that a run resumed from ``step`` writes its own; returns where they went."""
+    moved = []
+    aside = self.directory + "_set_aside"
+    for later in [s for s in self.all_steps() if s > step]:
+      os.makedirs(aside, exist_ok=True)
+      target = os.path.join(aside, str(later))
+      suffix = 1
+      while os.path.exists(target):  # an earlier set-aside of the same step stays too
+        target, suffix = os.path.join(aside, f"{later}.{suffix}"), suffix + 1
+      os.rename(os.path.join(self.directory, str(later)), target)
+      moved.append(target)
+    if moved:
+      self.manager.reload()
+    return moved
+
+  def save(self, step: int, state, data_iterator=None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
     """Returns the state laid out as ``abstract_state`` (ShapeDtypeStructs with shardings)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       with _quiet_failed_restore():
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
       raise CheckpointCorrupt(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
-                              f"restored: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"restored: {_first_line(e)}") from e
     return restored["state"]
 
   def wait(self) -> None:
@@ -114,34 +161,42 @@ def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_params(directory: str, step: int | None = None) -> tuple[int, dict]:
-  """(step, params as numpy arrays) of checkpoint ``step`` (default: the latest) in ``directory``.
+def restore_params(directory: str, step: int | None = None, abstract_params=None) -> tuple[int, Any]:
+  """(step, params) of checkpoint ``step`` (default: the latest) in ``directory``, nothing else read.
 
-  For a later stage that uses an earlier stage's model frozen (the world model's dynamics stage
-  reads the tokenizer's). Raises FileNotFoundError when there is no checkpoint and CheckpointCorrupt
-  when it cannot be read.
+  With ``abstract_params`` (ShapeDtypeStructs with shardings) the params are restored laid out so,
+  on any mesh; without, as host numpy arrays (jitted functions then place them as their mesh needs:
+  committed single-device arrays would clash with a multi-device mesh in scope). Raises
+  FileNotFoundError when there is no checkpoint and CheckpointCorrupt when it cannot be read.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {directory}")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                  "data": grain.checkpoint.CheckpointHandler()})
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoints in {directory}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint {step} in {directory} (there are: "
+                              f"{', '.join(map(str, sorted(manager.all_steps()))) or 'none'})")
     try:
-      tree = manager.item_metadata(step)["state"]
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
+      host = abstract_params is None
+      if host:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = manager.item_metadata(step)["state"]["params"]
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+      item = {"params": abstract_params}
       with _quiet_failed_restore():
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))["state"]["params"]
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointCorrupt(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{_first_line(e)}") from e
   finally:
     manager.close()
-  # Host arrays: jitted functions then place them as their mesh needs (committed single-device
-  # arrays would clash with a multi-device mesh in scope).
-  return step, jax.device_get(state["params"])
+  return step, (jax.device_get(restored) if host else restored)

@@ -1,20 +1,26 @@
-"""Fields every training config has, variant parsing, and up-front validation.
+"""Fields every training config has, per-stage overlays, variant parsing, and up-front validation.
 
 A config error is reported as one line ``config error: <field>: <reason>`` (see ``jaxai.main``),
-so every check here names the field that is wrong.
+so every check here names the field that is wrong. The ``check_*`` helpers are the one place such
+checks are written: ``check_positive(config, "model.width", "model.num_layers")`` raises
+``ConfigError("model.width", "must be positive, got 0")``.
 """
+import importlib.util
 import json
 import math
 import os
+import re
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Batch is split over data and fsdp (FSDP shards the batch too); the
 # parameter's embed axis is split over fsdp (ZeRO-3 style); heads/mlp/vocab over tensor (Megatron).
+# ``layers`` is the stacked axis of scanned block stacks: never split.
 DEFAULT_SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -24,6 +30,7 @@ DEFAULT_SHARDING_RULES = (
     ("vocab", "tensor"),
     ("length", None),
     ("head_dim", None),
+    ("layers", None),
 )
 
 
@@ -54,10 +61,87 @@ def parse_variant(arg: str | None, variants: Sequence[str], default: str) -> str
   return variant
 
 
+def load_config_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of the config file at ``path`` (what ``--config=path:variant`` loads)."""
+  spec = importlib.util.spec_from_file_location(f"jaxai_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def get(config, path: str) -> Any:
+  """The value at dotted ``path`` of ``config``."""
+  value = config
+  for key in path.split("."):
+    value = value[key]
+  return value
+
+
+def check(condition: bool, field: str, reason: str) -> None:
+  if not condition:
+    raise ConfigError(field, reason)
+
+
+def check_positive(config, *paths: str, prefix: str = "") -> None:
+  """Every field at ``paths`` (relative to ``config``; named ``prefix.path``) is > 0."""
+  for path in paths:
+    value = get(config, path)
+    check(value > 0, prefix + path, f"must be positive, got {value}")
+
+
+def check_at_least(config, minimum, *paths: str, prefix: str = "") -> None:
+  for path in paths:
+    value = get(config, path)
+    check(value >= minimum, prefix + path, f"must be >= {minimum}, got {value}")
+
+
+def check_range(config, path: str, low, high, *, high_open: bool = False, prefix: str = "") -> None:
+  """``low <= value <= high`` (``< high`` with ``high_open``), said as ``[low, high]`` or ``[low, high)``."""
+  value = get(config, path)
+  inside = low <= value < high if high_open else low <= value <= high
+  check(inside, prefix + path, f"must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def check_choice(config, path: str, choices: Sequence, *, prefix: str = "") -> None:
+  value = get(config, path)
+  check(value in choices, prefix + path,
+        f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def is_power_of_two(n: int) -> bool:
+  return n >= 1 and not n & (n - 1)
+
+
+def validate_attention_heads(prefix: str, heads) -> None:
+  """Checks ``heads.num_heads``/``num_kv_heads``/``head_dim`` of the model section ``prefix``."""
+  check_positive(heads, "num_heads", "num_kv_heads", "head_dim", prefix=f"{prefix}.")
+  check(heads.num_heads % heads.num_kv_heads == 0, f"{prefix}.num_kv_heads",
+        f"num_heads={heads.num_heads} is not a multiple of num_kv_heads={heads.num_kv_heads}")
+  check(heads.head_dim % 2 == 0, f"{prefix}.head_dim", f"RoPE needs an even head_dim, got {heads.head_dim}")
+
+
+def validate_block_stack(prefix: str, section) -> None:
+  """The scan/remat options of a block stack (``transformer.block_config``)."""
+  check_choice(section, "remat", REMAT_POLICIES, prefix=f"{prefix}.")
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+# --- the trainer's fields -------------------------------------------------------------------------
+
 def trainer_config(**overrides) -> ml_collections.ConfigDict:
-  """The trainer's fields with defaults; a paper config starts from this and adds its own."""
+  """The trainer's fields with defaults; a paper config starts from this and adds its own.
+
+  ``stages`` names the run's stages (``stage_overlay`` each); ``stage`` picks one of them or
+  ``all``. A stage's non-None overlay fields replace these for that stage (``jaxai.stages``).
+  """
   c = ml_collections.ConfigDict()
   c.task = ""
+  c.stage = "all"              # a name in ``stages``, or all (every stage with in_all, in order)
+  c.stages = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 8             # global, across all devices and processes
   c.grad_accum_steps = 1       # the batch is split into this many sequential micro-batches
@@ -67,8 +151,10 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 10
   c.eval_every = 0             # 0: evaluate only at the end
+  c.restore_step = 0           # 0: resume from the latest checkpoint; N: from step N (later ones set aside)
+  c.trainable = ""             # regex on parameter paths (a/b/kernel): train only those; "": all
   c.compute_dtype = "float32"  # parameters stay fp32; "bfloat16" runs the matmuls in bf16
-  c.attention_impl = "auto"    # auto | xla | pallas ("auto": xla on CPU, pallas on GPU/TPU)
+  c.attention_impl = "auto"    # auto | xla | pallas ("auto": a Pallas kernel where one is written for the backend)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = DEFAULT_SHARDING_RULES
   c.optimizer = ml_collections.ConfigDict({
@@ -86,72 +172,92 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
-def validate_attention_heads(prefix: str, heads) -> None:
-  """Checks ``heads.num_heads``/``num_kv_heads``/``head_dim`` of the model section ``prefix``."""
-  if heads.num_heads % heads.num_kv_heads:
-    raise ConfigError(f"{prefix}.num_kv_heads", f"num_heads={heads.num_heads} is not a multiple of "
-                      f"num_kv_heads={heads.num_kv_heads}")
-  if heads.head_dim % 2:
-    raise ConfigError(f"{prefix}.head_dim", f"RoPE needs an even head_dim, got {heads.head_dim}")
+# Trainer fields a stage may set for itself (None in its overlay: the top-level value).
+STAGE_FIELDS = ("seed", "batch_size", "grad_accum_steps", "total_steps", "max_steps_per_run",
+                "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "restore_step",
+                "trainable", "compute_dtype")
+
+
+def stage_overlay(*, reads: Sequence[str] = (), init_from: str = "", in_all: bool = True,
+                  optimizer: dict | None = None, mesh: dict | None = None,
+                  **fields) -> ml_collections.ConfigDict:
+  """One entry of ``config.stages``: the trainer fields this stage sets for itself, the rest None.
+
+  Args:
+    reads: earlier stages whose checkpoints this stage reads (frozen models, data made by them).
+    init_from: an earlier stage whose parameters start this one where their paths match.
+    in_all: whether ``stage=all`` trains it (a diagnostic stage may be run only by name).
+    optimizer, mesh: the stage's own optimizer and mesh fields.
+    **fields: any of ``STAGE_FIELDS``.
+  Every field stays overridable from the command line (``--config.stages.<name>.total_steps=N``);
+  ``reads_from`` (default "": this run's workdir) says where the stages it reads were trained.
+  """
+  defaults = trainer_config()
+  unknown = set(fields) - set(STAGE_FIELDS)
+  if unknown:
+    raise ConfigError("stages", f"not stage fields: {', '.join(sorted(unknown))}")
+  typed = lambda default, value: config_dict.placeholder(type(default)) if value is None else value
+  c = ml_collections.ConfigDict()
+  for field in STAGE_FIELDS:
+    c[field] = typed(defaults[field], fields.get(field))
+  c.optimizer = ml_collections.ConfigDict(
+      {k: typed(v, (optimizer or {}).get(k)) for k, v in defaults.optimizer.items()})
+  c.mesh = ml_collections.ConfigDict({k: typed(v, (mesh or {}).get(k)) for k, v in defaults.mesh.items()})
+  c.reads = tuple(reads)
+  c.reads_from = ""
+  c.init_from = init_from
+  c.in_all = in_all
+  return c
 
 
 def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Mesh sizes in MESH_AXES order; at most one axis may be -1 and takes the remaining devices."""
   sizes = [int(mesh[a]) for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
-    if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis}", f"must be a positive size or -1, got {size}")
+    check(size > 0 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
   fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(fill) > 1:
-    raise ConfigError(f"mesh.{fill[1]}", "only one mesh axis may be -1")
+    raise ConfigError(f"mesh.{fill[-1]}", "only one mesh axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if fill:
-    if num_devices % known:
-      raise ConfigError(f"mesh.{fill[0]}", f"the other axes use {known} devices, which does not divide "
-                        f"the {num_devices} available devices")
+    check(num_devices % known == 0, f"mesh.{fill[0]}", f"the other axes use {known} devices, which "
+          f"does not divide the {num_devices} available devices")
     sizes[MESH_AXES.index(fill[0])] = num_devices // known
-  elif known != num_devices:
-    shape = "x".join(map(str, sizes))
-    raise ConfigError("mesh", f"data x fsdp x tensor = {shape} = {known} devices, but {num_devices} "
-                      "are available")
+  else:
+    check(known == num_devices, "mesh", f"data x fsdp x tensor = {'x'.join(map(str, sizes))} = {known} "
+          f"devices, but {num_devices} are available")
   return tuple(sizes)
 
 
 def validate_trainer(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Checks the trainer fields; returns the resolved mesh shape."""
-  for field in ("batch_size", "total_steps", "checkpoint_every", "log_every", "grad_accum_steps",
-                "keep_checkpoints"):
-    if int(config[field]) <= 0:
-      raise ConfigError(field, f"must be positive, got {config[field]}")
-  for field in ("eval_every", "max_steps_per_run"):
-    if int(config[field]) < 0:
-      raise ConfigError(field, f"must be >= 0, got {config[field]}")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ConfigError("compute_dtype", f"must be float32 or bfloat16, got {config.compute_dtype!r}")
-  if config.attention_impl not in ("auto", "xla", "pallas"):
-    raise ConfigError("attention_impl", f"must be auto, xla or pallas, got {config.attention_impl!r}")
+  """Checks the trainer fields (of one stage's config); returns the resolved mesh shape."""
+  check_positive(config, "batch_size", "total_steps", "checkpoint_every", "log_every",
+                 "grad_accum_steps", "keep_checkpoints")
+  check_at_least(config, 0, "eval_every", "max_steps_per_run", "restore_step")
+  check_choice(config, "compute_dtype", ("float32", "bfloat16"))
+  check_choice(config, "attention_impl", ("auto", "xla", "pallas"))
+  try:
+    re.compile(config.trainable)
+  except re.error as e:
+    raise ConfigError("trainable", f"not a regular expression ({e}): {config.trainable!r}") from None
   data, fsdp, tensor = resolve_mesh_shape(config.mesh, num_devices)
   data_parallel = data * fsdp
-  if config.batch_size % data_parallel:
-    raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the data-parallel size "
-                      f"data x fsdp = {data} x {fsdp} = {data_parallel}")
-  if config.batch_size % (data_parallel * config.grad_accum_steps):
-    raise ConfigError("grad_accum_steps", f"batch_size {config.batch_size} does not split into "
-                      f"{config.grad_accum_steps} micro-batches divisible by the data-parallel size "
-                      f"{data_parallel}")
+  check(config.batch_size % data_parallel == 0, "batch_size", f"{config.batch_size} is not divisible "
+        f"by the data-parallel size data x fsdp = {data} x {fsdp} = {data_parallel}")
+  check(config.batch_size % (data_parallel * config.grad_accum_steps) == 0, "grad_accum_steps",
+        f"batch_size {config.batch_size} does not split into {config.grad_accum_steps} micro-batches "
+        f"divisible by the data-parallel size {data_parallel}")
   mesh_axes = set(MESH_AXES)
   for rule in config.sharding_rules:
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     unknown = [t for t in targets if t is not None and t not in mesh_axes]
-    if unknown:
-      raise ConfigError("sharding_rules", f"logical axis {rule[0]!r} maps to unknown mesh axes {unknown}")
-  opt = config.optimizer
-  if opt.learning_rate <= 0:
-    raise ConfigError("optimizer.learning_rate", f"must be positive, got {opt.learning_rate}")
-  if not 0 <= opt.warmup_steps <= config.total_steps:
-    raise ConfigError("optimizer.warmup_steps", f"must be in [0, total_steps={config.total_steps}]")
+    check(not unknown, "sharding_rules", f"logical axis {rule[0]!r} maps to unknown mesh axes {unknown}")
+  check_positive(config, "optimizer.learning_rate")
+  check_range(config, "optimizer.warmup_steps", 0, config.total_steps)
   return data, fsdp, tensor
 
+
+# --- saved configs --------------------------------------------------------------------------------
 
 # Each stage's directory keeps the config it was trained with, to resume, load and compare against.
 SAVED_CONFIG_FILE = "config.json"
@@ -173,14 +279,16 @@ def read_saved_config(run_dir: str) -> dict | None:
   return saved if isinstance(saved, dict) else None
 
 
-# Fields that only say how long and how often a run acts: they never change what a checkpoint holds.
-RUN_CONTROL_FIELDS = ("max_steps_per_run", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every")
+# Fields that only say how long and how often a run acts, or where it reads from: they never change
+# what a checkpoint holds.
+RUN_CONTROL_FIELDS = ("max_steps_per_run", "checkpoint_every", "keep_checkpoints", "log_every",
+                      "eval_every", "restore_step")
 
 
 def changed_fields(saved: dict, config: ml_collections.ConfigDict, limit: int = 4) -> list[str]:
   """``"field: saved -> now"`` for the leaves of ``config`` that differ from ``saved`` (a run's
-  config.json), run-control fields aside, at most ``limit`` of them: to name what a checkpoint of
-  another config holds."""
+  config.json), run-control fields and the stage overlays aside, at most ``limit`` of them: to
+  name what a checkpoint of another config holds."""
   def leaves(tree, prefix=""):
     for key, value in tree.items():
       if isinstance(value, dict):
@@ -191,5 +299,5 @@ def changed_fields(saved: dict, config: ml_collections.ConfigDict, limit: int = 
   now = dict(leaves(json.loads(config.to_json_best_effort())))
   changed = [f"{k}: {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
              for k in sorted(set(before) | set(now))
-             if before.get(k) != now.get(k) and k not in RUN_CONTROL_FIELDS]
+             if before.get(k) != now.get(k) and k not in RUN_CONTROL_FIELDS and not k.startswith("stages.")]
   return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])

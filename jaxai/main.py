@@ -1,64 +1,34 @@
 """Entry point: ``python -m jaxai.main --config=configs/<paper>.py[:variant] --workdir=DIR``.
 
-Any field can be overridden with ``--config.<field>=value``. Bad input (an unknown field, a mesh that
-does not fit the devices, an indivisible batch, a missing dataset, an unreadable checkpoint) ends the
-run with one line ``config error: <field>: <reason>`` on stderr and exit code 2, before anything in
-the workdir is touched. Runs resume automatically from the workdir's latest checkpoint.
+Trains the stages ``--config.stage`` names (``all``: every stage of the config, in order), each in
+``DIR/<stage>/``; runs resume automatically from each stage's latest checkpoint. Any field can be
+overridden with ``--config.<field>=value``, a stage's own fields with
+``--config.stages.<stage>.<field>=value``.
+
+``--dry_run`` compiles each stage's train step ahead of time on the current devices, without data
+or training, and prints one JSON line per stage: parameter count, FLOPs per step and memory per
+device. ``--topology=v5e:16x16`` compiles for that TPU slice instead (needs libtpu: the ``tpu``
+extra), from any machine, and fails if a chip's memory would not hold the step.
+
+Bad input (an unknown field, a mesh that does not fit the devices, an indivisible batch, a missing
+dataset, an unreadable checkpoint) ends the run with one line ``config error: <field>: <reason>``
+(or ``checkpoint error: ...``) on stderr and exit code 2, before anything in the workdir is touched.
 """
-import logging
+import json
 import os
-import re
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from jaxai import config_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-
-EXIT_CONFIG_ERROR = config_lib.EXIT_CONFIG_ERROR
-fail = config_lib.fail
+from jaxai import cli, config_lib
 
 
-def _root_cause(error: BaseException) -> BaseException:
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
-  return error
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    cause = _root_cause(e)
-    if isinstance(cause, (AttributeError, KeyError)):  # ml_collections: override of an unknown field
-      for arg in argv[1:]:
-        path = arg.split("=")[0][len("--config."):] if arg.startswith("--config.") else ""
-        if path and f"'{path.split('.')[-1]}'" in str(cause):
-          fail("config error", f"{path}: no such config field")
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    message = lines[-1] if lines else type(e).__name__
-    if "ConfigError: " in message:  # raised by get_config, re-wrapped by config_flags
-      fail("config error", message.split("ConfigError: ", 1)[1])
-    bad_value = re.match(r"flag --config\.([\w.]+)=.*?: (.*)", message)
-    if bad_value:
-      fail("config error", f"{bad_value.group(1)}: {bad_value.group(2)}")
-    fail("config error", f"flags: {message}")
-
-
-def _load_config():
-  """The parsed config; config_flags defers file errors to the first access, so force it here."""
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.get("task")
-    return config
-  except Exception as e:  # pylint: disable=broad-except
-    lines = [line.strip() for line in str(_root_cause(e)).splitlines() if line.strip()]
-    fail("config error", f"config: cannot load {flags.FLAGS['config'].serialize().split('=', 1)[-1]}: "
-         f"{lines[-1] if lines else type(e).__name__}")
+def define_flags():
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "Where each stage's checkpoints, metrics and outputs go.")
+  flags.DEFINE_bool("dry_run", False, "Compile each stage's train step without training; print "
+                    "parameters, FLOPs and memory per device as JSON lines.")
+  flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice (e.g. v5e:16x16, "
+                      "v4:2x2x2) instead of the current devices.")
 
 
 def _initialize_distributed(config):
@@ -73,45 +43,41 @@ def _initialize_distributed(config):
 
 
 def run(config, workdir: str) -> list[dict]:
-  """Validates ``config`` and trains every stage of its task; returns each stage's last metrics.
+  """Validates ``config`` and trains each selected stage in turn; returns each stage's last metrics.
 
-  Raises ``ConfigError`` before touching ``workdir`` when the config cannot work.
+  Raises ``ConfigError`` before touching ``workdir`` when the config cannot work. A stage is built
+  right before it trains, so it may read what the stage before it wrote.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxai import tasks, train  # pylint: disable=g-import-not-at-top
+  from jaxai import stages, train  # pylint: disable=g-import-not-at-top
   _initialize_distributed(config)
-  config_lib.validate_trainer(config, jax.device_count())
-  module = tasks.task_module(config)
-  if hasattr(module, "validate"):
-    module.validate(config)
-  stages = module.build_stages(config, workdir)
-  for stage in stages:  # every stage's trainer fields, before the first stage trains
-    config_lib.validate_trainer(stage.config, jax.device_count())
-  return [train.train(stage, workdir) for stage in stages]
+  module, stage_configs = stages.validate_run(config, workdir, jax.device_count())
+  return [train.train(module.build_stage(stage_config, workdir), workdir) for stage_config in stage_configs]
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:  # absl defaults to INFO, which floods stderr with orbax logs
-    logging.getLogger("absl").setLevel(logging.WARNING)
-  config = _load_config()
-  if config is None:
-    fail("config error", "config: --config=configs/<name>.py[:variant] is required")
-  if not _WORKDIR.value:
-    fail("config error", "workdir: --workdir=DIR is required")
-  # jax's "Unable to initialize backend 'tpu'" INFO line would precede our one-line errors.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  args, config = cli.start("configs/<name>.py[:variant]", workdir="where each stage trains")
+  if args.topology and not args.dry_run:
+    cli.fail("config error", "topology: --topology compiles for a TPU slice, only with --dry_run")
   # Imported after flag parsing so that `--help` and flag errors do not pay for importing jax.
-  from jaxai import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from jaxai import checkpointing, dry_run, train  # pylint: disable=g-import-not-at-top
   try:
-    run(config, _WORKDIR.value)
+    if args.dry_run:
+      for record in dry_run.dry_run(config, args.workdir, topology=args.topology):
+        print(json.dumps(record), flush=True)
+    else:
+      run(config, args.workdir)
   except config_lib.ConfigError as e:
-    fail("config error", str(e))
+    cli.fail("config error", str(e))
   except checkpointing.CheckpointCorrupt as e:
-    fail("checkpoint error", str(e))
+    cli.fail("checkpoint error", str(e))
+  except dry_run.DoesNotFit as e:
+    cli.fail("memory error", str(e), code=1)
   except train.NonFiniteLoss as e:
-    fail("training error", str(e), code=1)
+    cli.fail("training error", str(e), code=1)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  define_flags()
+  cli.run(main)

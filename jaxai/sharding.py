@@ -9,11 +9,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxai import config_lib
 
 
-def make_mesh(shape: tuple[int, ...]) -> Mesh:
+def make_mesh(shape: tuple[int, ...], devices=None) -> Mesh:
+  """The ``data x fsdp x tensor`` mesh over ``devices`` (default: all of jax's; a TPU topology's
+  for ahead-of-time compilation, see ``jaxai.dry_run``)."""
   # jax.make_mesh orders devices so the last (tensor) axis gets the fastest interconnect. Auto axes:
   # pjit semantics, XLA propagates shardings from the constraints the model states.
-  return jax.make_mesh(shape, config_lib.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(config_lib.MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(config_lib.MESH_AXES)
+  if devices is None:
+    return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=axis_types)
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), config_lib.MESH_AXES,
+              axis_types=axis_types)
 
 
 def logical_shardings(tree, mesh: Mesh, rules):

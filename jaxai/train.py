@@ -1,15 +1,20 @@
-"""The training loop shared by every task: sharded init, one jitted step, checkpoints, metrics.
+"""The training loop shared by every stage: sharded init, one jitted step, checkpoints, metrics.
 
-The step is a pure function ``(state, batch) -> (state, metrics)`` jitted once with explicit
-shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
-``'loss_state'`` for tasks whose loss carries running statistics (``Task.init_loss_state``); its
-shardings come from the logical axis names the model gives its parameters and the config's rules
-table (the loss state is small and replicated).
+The step is a pure function ``(state, batch, frozen) -> (state, metrics)`` jitted once with
+explicit shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
+``'loss_state'`` for stages whose loss carries running statistics (``Stage.init_loss_state``);
+its shardings come from the logical axis names the model gives its parameters and the config's
+rules table (the loss state is small and replicated). ``frozen`` holds earlier stages' parameters
+(``Stage.frozen``), sharded the same way and never updated or saved.
+
+Randomness: step s uses ``fold_in(key(seed), s)`` for the loss and an independent key for
+``Stage.make_batch``, so a resumed run draws exactly what an uninterrupted one did.
 """
 import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 
@@ -20,12 +25,16 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxai import checkpointing, config_lib, host, metrics as metrics_lib, optimizer, sharding
-from jaxai.tasks import Task
+from jaxai import checkpointing, config_lib, host, metrics as metrics_lib, optimizer, sharding, stages
+from jaxai.stages import Stage
 
 
 class NonFiniteLoss(RuntimeError):
   pass
+
+
+INIT_KEY = -1 % 2**31   # fold_in(key(seed), INIT_KEY): parameter init
+BATCH_KEY = -2 % 2**31  # fold_in(fold_in(key(seed), BATCH_KEY), step): Stage.make_batch
 
 
 def _split_microbatches(batch, num: int):
@@ -34,45 +43,63 @@ def _split_microbatches(batch, num: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, schedule):
-  config = task.config
-  base_rng = jax.random.key(config.seed)
-  accum = config.grad_accum_steps
-  stateful = task.init_loss_state is not None
-  if stateful:  # (params, loss_state, batch, rng) -> (loss, (metrics, loss_state))
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-  else:  # the same signature around a stateless loss, so the step below has one form
-    def stateless(params, loss_state, batch, rng):
-      loss, metrics = task.loss(params, batch, rng)
-      return loss, (metrics, loss_state)
-    grad_fn = jax.value_and_grad(stateless, has_aux=True)
+def _loss_inputs(stage: Stage, frozen, loss_state) -> dict:
+  inputs = {}
+  if stage.frozen:
+    inputs["frozen"] = frozen
+  if stage.init_loss_state is not None:
+    inputs["loss_state"] = loss_state
+  return inputs
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(base_rng, state["step"])
+
+def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
+  """``(state, batch, frozen) -> (state, metrics)``; ``frozen`` is {} for stages without it."""
+  config = stage.config
+  accum = config.grad_accum_steps
+  stateful = stage.init_loss_state is not None
+  pattern = re.compile(config.trainable) if config.trainable else None
+
+  def loss_fn(params, loss_state, frozen, batch, rng):  # one form: (loss, (metrics, loss_state))
+    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state))
+    return out if stateful else (out[0], (out[1], loss_state))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch, frozen):
+    step = state["step"]
+    base_rng = jax.random.key(config.seed)  # made in the trace: nothing runs eagerly on the devices
+    batch_base_rng = jax.random.fold_in(base_rng, BATCH_KEY)
+    rng = jax.random.fold_in(base_rng, step)
     params = state["params"]
     loss_state = state.get("loss_state", {})
+    if stage.make_batch is not None:
+      batch = stage.make_batch(params, batch, jax.random.fold_in(batch_base_rng, step),
+                               **({"frozen": frozen} if stage.frozen else {}))
     if accum == 1:
-      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, batch, rng)
+      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng)
     else:
       # Micro-batches run in sequence, so the loss state passes through each of them in turn.
       def micro_step(carry, xs):
         sums, loss_state = carry
         micro_batch, index = xs
-        (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, micro_batch,
+        (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, micro_batch,
                                                    jax.random.fold_in(rng, index))
         return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), loss_state), None
-      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, batch, rng)
+      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng)
       zeros = jax.tree.map(jnp.zeros_like, (loss, aux, grads))
       (sums, loss_state), _ = jax.lax.scan(
           micro_step, (zeros, loss_state), (_split_microbatches(batch, accum), jnp.arange(accum)))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
     if stateful:
       new_state["loss_state"] = loss_state
+    if pattern is not None:  # the norm the optimiser clips: of the trained parameters only
+      grads = jax.tree_util.tree_map_with_path(
+          lambda path, g: g if pattern.search(optimizer.param_path(path)) else jnp.zeros_like(g), grads)
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                    "learning_rate": schedule(state["step"]), **aux}
+                    "learning_rate": schedule(step), **aux}
     return new_state, step_metrics
 
   return train_step
@@ -98,7 +125,7 @@ def _is_main_thread():
   return threading.current_thread() is threading.main_thread()
 
 
-def _strip_boxes(tree):
+def strip_boxes(tree):
   # nn.unbox would also apply the sharding constraint, which is only valid inside a trace.
   return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -115,60 +142,150 @@ def _check_finite(step: int, step_metrics: dict, ckpt: checkpointing.Checkpointe
   return values
 
 
-def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
+def _config_changes(run_dir: str, config: ml_collections.ConfigDict) -> str:
   """Why a checkpoint may not fit this run: the fields changed since the run's config.json."""
-  saved = config_lib.read_saved_config(workdir)
+  saved = config_lib.read_saved_config(run_dir)
   changed = config_lib.changed_fields(saved, config) if saved is not None else []
   return f" (this config differs from the checkpoint's config.json in {'; '.join(changed)})" if changed else ""
 
 
-def train(task: Task, workdir: str) -> dict:
-  """Trains (or resumes) ``task`` in ``workdir``; returns the last logged metrics."""
-  config = task.config
-  workdir = os.path.join(workdir, task.subdir) if task.subdir else workdir
+class TrainState:
+  """The abstract train state of a stage on a mesh: what init makes and checkpoints hold."""
+
+  def __init__(self, stage: Stage, mesh, rules):
+    config = stage.config
+    self.tx = optimizer.make_optimizer(config.optimizer, config.total_steps, config.trainable)
+    self.schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
+    self.stage = stage
+    boxed = jax.eval_shape(self.init_boxed)
+    self.shardings = sharding.logical_shardings(boxed, mesh, rules)
+    self.abstract = strip_boxes(boxed)
+    sharding.check_divisible(self.abstract, self.shardings, mesh)
+    if config.trainable:
+      labels = optimizer.trainable_labels(self.abstract["params"], config.trainable)
+      config_lib.check("train" in jax.tree.leaves(labels), "trainable",
+                       f"{config.trainable!r} matches no parameter path")
+    self.frozen_shardings, self.abstract_frozen = {}, {}
+    for name, frozen in stage.frozen.items():
+      boxed_frozen = jax.eval_shape(lambda init=frozen.init_params: init(self.init_rng()))
+      self.frozen_shardings[name] = sharding.logical_shardings(boxed_frozen, mesh, rules)
+      self.abstract_frozen[name] = checkpointing.abstract_like(strip_boxes(boxed_frozen),
+                                                                self.frozen_shardings[name])
+
+  def init_rng(self):
+    return jax.random.fold_in(jax.random.key(self.stage.config.seed), INIT_KEY)
+
+  def init_boxed(self):
+    params = self.stage.init_params(self.init_rng())  # optax maps over the boxes: moments keep the names
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.stage.init_loss_state is not None:
+      state["loss_state"] = self.stage.init_loss_state()
+    return state
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract["params"]))
+
+  def jitted_step(self, mesh):
+    return jax.jit(make_train_step(self.stage, self.tx, self.schedule), donate_argnums=0,
+                   out_shardings=(self.shardings, sharding.replicated(mesh)))
+
+
+def _initial_state(train_state: TrainState, workdir: str):
+  """A fresh state; with ``stages.<name>.init_from``, parameters whose paths that stage's latest
+  checkpoint has start from its values."""
+  stage = train_state.stage
+  state = jax.jit(lambda: nn.unbox(train_state.init_boxed()), out_shardings=train_state.shardings)()
+  source = stage.config.stages[stage.name].init_from
+  if not source:
+    return state
+  directory = os.path.join(stages.reads_dir(stage.config, workdir), source, "checkpoints")
+  step, earlier = checkpointing.restore_params(directory)
+  flat_earlier = {optimizer.param_path(path): value
+                  for path, value in jax.tree_util.tree_flatten_with_path(earlier)[0]}
+  taken = []
+
+  def take(path, value, target_sharding):
+    key = optimizer.param_path(path)
+    if key in flat_earlier and flat_earlier[key].shape == value.shape:
+      taken.append(key)
+      return jax.device_put(np.asarray(flat_earlier[key], value.dtype), target_sharding)
+    return value
+
+  state["params"] = jax.tree_util.tree_map_with_path(take, state["params"],
+                                                     train_state.shardings["params"])
+  print(f"{stage.name}: {len(taken)} of {len(flat_earlier)} parameter arrays start from "
+        f"{directory}/{step}", file=sys.stderr, flush=True)
+  return state
+
+
+def _restore(train_state: TrainState, ckpt: checkpointing.Checkpointer, data_iter, run_dir: str):
+  """(state, start step) from the stage's checkpoints: the latest, or ``restore_step``."""
+  config, name = train_state.stage.config, train_state.stage.name
+  latest = ckpt.latest_step()
+  start = config.restore_step or latest
+  if not start:
+    return None, 0
+  steps = ckpt.all_steps()
+  config_lib.check(start in steps, f"stages.{name}.restore_step", f"no checkpoint {start} in "
+                   f"{ckpt.directory} (there are: {', '.join(map(str, steps)) or 'none'})")
+  try:
+    state = ckpt.restore(start, checkpointing.abstract_like(train_state.abstract, train_state.shardings),
+                         data_iter)
+  except checkpointing.CheckpointCorrupt as e:
+    older = ckpt.readable_steps(before=start)
+    hint = (f"; intact older checkpoints: {', '.join(map(str, older))} (resume from one with "
+            f"--config.stages.{name}.restore_step=N, which sets the later ones aside and deletes "
+            "nothing)") if older else "; no older checkpoint is intact"
+    raise checkpointing.CheckpointCorrupt(f"{e}{_config_changes(run_dir, config)}{hint}") from e
+  if start != latest and jax.process_index() == 0:
+    for path in ckpt.set_aside_after(start):
+      print(f"set aside {path} (a run resumed from step {start} writes its own)", file=sys.stderr,
+            flush=True)
+  print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr, flush=True)
+  return state, start
+
+
+def load_frozen(train_state: TrainState, workdir: str) -> dict:
+  """Each ``Stage.frozen`` entry's latest checkpoint, restored sharded on the stage's mesh."""
+  stage = train_state.stage
+  out = {}
+  for name, frozen in stage.frozen.items():
+    directory = os.path.join(stages.reads_dir(stage.config, workdir), frozen.stage, "checkpoints")
+    try:
+      _, out[name] = checkpointing.restore_params(directory, abstract_params=train_state.abstract_frozen[name])
+    except FileNotFoundError as e:
+      raise config_lib.ConfigError(f"stages.{stage.name}.reads_from", f"{e}: stage {frozen.stage!r} "
+                                   "must be trained first") from None
+  return out
+
+
+def train(stage: Stage, workdir: str) -> dict:
+  """Trains (or resumes) ``stage`` in ``workdir/<stage.name>``; returns the last logged metrics."""
+  config = stage.config
+  run_dir = stages.stage_dir(workdir, stage.name)
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config_lib.resolve_mesh_shape(config.mesh, jax.device_count()))
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
-  tx = optimizer.make_optimizer(config.optimizer, config.total_steps)
-
-  def init_boxed_state(rng):
-    params = task.init_params(rng)  # optax maps over the boxes, so moments keep the names too
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    if task.init_loss_state is not None:
-      state["loss_state"] = task.init_loss_state()
-    return state
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init_rng = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
-    boxed = jax.eval_shape(init_boxed_state, init_rng)
-    state_shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract_state = _strip_boxes(boxed)
-    sharding.check_divisible(abstract_state, state_shardings, mesh)
-
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    data_iter = iter(task.make_data(jax.process_index(), jax.process_count()))
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-      try:
-        state = ckpt.restore(start_step, checkpointing.abstract_like(abstract_state, state_shardings),
-                             data_iter)
-      except checkpointing.CheckpointCorrupt as e:
-        raise checkpointing.CheckpointCorrupt(f"{e}{_config_changes(workdir, config)}") from e
-      print(f"resumed from {ckpt.directory}/{start_step}", file=sys.stderr, flush=True)
-    else:
-      state = jax.jit(lambda r: nn.unbox(init_boxed_state(r)), out_shardings=state_shardings)(init_rng)
+    train_state = TrainState(stage, mesh, rules)
+    frozen = load_frozen(train_state, workdir)
+    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.keep_checkpoints)
+    data_iter = iter(stage.make_data(jax.process_index(), jax.process_count())) \
+        if stage.make_data is not None else None
+    state, start_step = _restore(train_state, ckpt, data_iter, run_dir)
+    if state is None:
+      state = _initial_state(train_state, workdir)
     if is_chief:
-      config_lib.write_saved_config(workdir, config)
-      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
-      print(f"{task.name}: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
+      config_lib.write_saved_config(run_dir, config)
+      print(f"{stage.name}: {train_state.num_params():,} parameters, mesh {dict(mesh.shape)}, "
             f"{jax.device_count()} devices, {jax.process_count()} processes; host {host.summary()}",
             file=sys.stderr, flush=True)
 
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
+    writer = metrics_lib.MetricsWriter(run_dir, enabled=is_chief, resume_step=start_step)
     progress = metrics_lib.Progress(config.total_steps, start_step, enabled=is_chief)
-    step_fn = jax.jit(make_train_step(task, tx, schedule), donate_argnums=0,
-                      out_shardings=(state_shardings, sharding.replicated(mesh)))
+    step_fn = train_state.jitted_step(mesh)
+    eval_inputs = {"frozen": frozen} if stage.frozen else {}
     last_logged, pending = {}, None
     end_step = config.total_steps
     if config.max_steps_per_run:
@@ -176,18 +293,19 @@ def train(task: Task, workdir: str) -> dict:
     try:
       with _stop_on_sigterm() as stop:
         for step in range(start_step + 1, end_step + 1):
-          batch = sharding.global_batch_from_local(next(data_iter), mesh, rules)
-          state, step_metrics = step_fn(state, batch)
+          batch = sharding.global_batch_from_local(next(data_iter), mesh, rules) \
+              if data_iter is not None else None
+          state, step_metrics = step_fn(state, batch, frozen)
           if pending is not None:  # check the previous step while this one runs
             _check_finite(*pending, ckpt)
           pending = (step, step_metrics)
           last = step == end_step or stop["stop"]
-          evaluate = task.evaluate is not None and (
+          evaluate = stage.evaluate is not None and (
               step == config.total_steps or (config.eval_every and step % config.eval_every == 0))
           if step % config.log_every == 0 or last or evaluate:
             values = _check_finite(step, step_metrics, ckpt)
             if evaluate:
-              values.update(task.evaluate(state["params"], step))
+              values.update(stage.evaluate(state["params"], step, **eval_inputs))
             values["steps_per_sec"] = progress.update(step, {k: values[k] for k in ("loss",) if k in values})
             writer.write(step, values)
             last_logged = {"step": step, **values}
@@ -203,6 +321,6 @@ def train(task: Task, workdir: str) -> dict:
   return last_logged
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+def read_metrics(run_dir: str) -> list[dict]:
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]

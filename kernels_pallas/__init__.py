@@ -1,6 +1,7 @@
 """Pallas kernels, each beside its plain-jnp reference. Imports only jax.
 
-Every kernel runs compiled on GPU/TPU and with `interpret=True` on CPU; each module has its own
+Every kernel runs compiled on the platforms its module's `PLATFORMS` names (GPU today; TPU versions
+are to come) and with `interpret=True` on CPU; each module has its own
 `BlockSizes` dataclass. The two attention kernels share their module's name, and a package
 attribute can only be one of the two, so it stays the module (the path model code imports):
 call `block_causal_attention.block_causal_attention(...)` and

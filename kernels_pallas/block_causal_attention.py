@@ -22,6 +22,9 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+# Platforms this kernel is written for (compiled; every kernel also runs interpreted on CPU).
+PLATFORMS = ("gpu",)
+
 # Finite, so that a row whose first visited block is entirely masked produces no NaN: what it
 # accumulates there is scaled by exp(MASK_VALUE - m) == 0 as soon as a visible key arrives.
 # References multiply fp32 in full fp32 on every backend (GPUs default to TF32).

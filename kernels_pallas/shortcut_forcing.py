@@ -24,6 +24,9 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+# Platforms this kernel is written for (compiled; every kernel also runs interpreted on CPU).
+PLATFORMS = ("gpu",)
+
 # d <= d_min (1 + tol) selects the x-space loss: d comes from 1 / K arithmetic in any dtype.
 _D_MIN_RTOL = 1e-6
 

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# Platforms this kernel is written for (compiled; every kernel also runs interpreted on CPU).
+PLATFORMS = ("gpu",)
+
 # Finite: a row whose first chunk is all "no key" then accumulates only zero sink rows, which the
 # rescale exp(MASK_VALUE - m) == 0 wipes out once a real key arrives.
 # References multiply fp32 in full fp32 on every backend (GPUs default to TF32).

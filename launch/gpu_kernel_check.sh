@@ -19,7 +19,6 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)
 timeout 240 python3 -m pytest -q -p no:cacheprovider $per_test -rfE --durations=8 \
   -k "compiled or benchmark or xla_and_pallas" \
-  tests/test_kernels_block_causal_attention.py tests/test_kernels_shortcut_forcing.py \
-  tests/test_kernels_sparse_topk_attention.py tests/test_bench_kernels.py \
-  tests/test_nn.py tests/test_world_model_dynamics.py 2>&1 | tee "$out/kernel_tests.log"
+  tests/kernels_pallas tests/lm/test_lm_task.py tests/world_model/test_dynamics.py \
+  2>&1 | tee "$out/kernel_tests.log"
 timeout 240 python3 -m jaxai.bench.kernels 2>&1 | tee "$out/kernel_bench.jsonl"

@@ -1,5 +1,14 @@
-"""Every test process sees 8 CPU devices, so sharded meshes (2x2x2, 1x2x4, ...) run on CPU."""
+"""Every test process sees 8 CPU devices, so sharded meshes (2x2x2, 1x2x4, ...) run on CPU.
+
+Shared helpers: ``run_main`` (the CLI in a fresh process) and ``config_of`` (a config file's
+variant with dotted overrides; also the ``load_config`` fixture). Session fixtures for what
+several test files need and is slow to make (the tiny Craftax dataset, the tiny world model
+trained as written) are made once per test run, not once per xdist worker: the first worker to
+ask makes it in a directory all workers share, under a file lock, and the others read it.
+"""
+import fcntl
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -26,6 +35,55 @@ def run_main(args, *, devices: int = 8, env=None, timeout: float = 300) -> subpr
   full_env.update(env or {})
   return subprocess.run([sys.executable, "-m", "jaxai.main", *args], cwd=REPO_ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def config_of(name: str, variant: str | None = "tiny", **overrides):
+  """``configs/<name>.py``'s ``get_config(variant)``; ``overrides`` use ``__`` for dots
+  (``stages__lm__total_steps=3``) or plain names."""
+  from jaxai import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", f"{name}.py"), variant)
+  for key, value in overrides.items():
+    *parents, leaf = key.split("__")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(name="load_config")
+def fixture_load_config():
+  return config_of
+
+
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """``make(path)`` run once for the whole test run (every xdist worker shares the result)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the directory the workers' own temp directories are made in
+  path = root / name
+  with open(root / f"{name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not (root / f"{name}.done").exists():
+      make(path)
+      (root / f"{name}.done").touch()
+  return path
+
+
+@pytest.fixture(scope="session", name="tiny_craftax_data")
+def fixture_tiny_craftax_data(tmp_path_factory) -> str:
+  """A data dir holding the ``tiny`` craftax_offline variant (~30 s to record). Read only."""
+  from jaxai.craftax import dataset  # pylint: disable=g-import-not-at-top
+  return str(made_once(tmp_path_factory, "craftax_offline", lambda path: dataset.generate(str(path), "tiny")))
+
+
+@pytest.fixture(scope="session", name="tiny_world_model")
+def fixture_tiny_world_model(tmp_path_factory):
+  """``configs/world_model.py:tiny`` trained as written (stage all, synthetic episodes):
+  (config, workdir). Read only."""
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  config = config_of("world_model", "tiny")
+  return config, made_once(tmp_path_factory, "tiny_world_model", lambda path: main.run(config, str(path)))
 
 
 @pytest.fixture(name="repo_root")

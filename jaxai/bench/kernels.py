@@ -13,7 +13,6 @@ interpret mode, which is not a timing: there only the XLA paths are timed, with 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -23,8 +22,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from jaxai import host
+from jaxai import cli, host
 from kernels_pallas import block_causal_attention as bca
 from kernels_pallas import shortcut_forcing as sf
 from kernels_pallas import sparse_topk_attention as dsa
@@ -199,31 +199,36 @@ def _measure(case, *, backend, warmup, runs, implementations):
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--only", default=",".join(KERNELS),
-                      help=f"comma-separated subset of {','.join(KERNELS)}")
-  parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
-                      help="comma-separated subset of "
+  """absl flags in their own FlagValues: ``main`` can be called more than once in a process."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("only", ",".join(KERNELS), f"comma-separated subset of {','.join(KERNELS)}",
+                      flag_values=fv)
+  flags.DEFINE_string("implementations", ",".join(IMPLEMENTATIONS), "comma-separated subset of "
                       f"{','.join(IMPLEMENTATIONS)}, timed in this order (long sequences: the "
-                      "gather-based references need memory of order seq_len * top_k * head_dim)")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--runs", type=int, default=5)
+                      "gather-based references need memory of order seq_len * top_k * head_dim)",
+                      flag_values=fv)
+  flags.DEFINE_integer("warmup", 2, "untimed calls before timing", flag_values=fv)
+  flags.DEFINE_integer("runs", 5, "timed calls", flag_values=fv)
   for key, value in ACCELERATOR_SHAPES.items():
-    kind = str if key == "dtype" else float if key == "soft_cap" else int
-    parser.add_argument(f"--{key}", type=kind, default=None,
-                        help=f"default {CPU_SHAPES[key]} on CPU, {value} on GPU/TPU")
-  args = parser.parse_args(argv)
-  unknown = set(args.only.split(",")) - set(KERNELS)
+    define = flags.DEFINE_string if key == "dtype" else flags.DEFINE_float if key == "soft_cap" \
+        else flags.DEFINE_integer
+    define(key, None, f"default {CPU_SHAPES[key]} on CPU, {value} on GPU/TPU", flag_values=fv)
+  try:
+    fv([sys.argv[0] if sys.argv else "bench", *argv])
+  except flags.Error as e:
+    cli.fail("config error", f"flags: {e}")
+  unknown = set(fv.only.split(",")) - set(KERNELS)
   if unknown:
-    parser.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
-  unknown = set(args.implementations.split(",")) - set(IMPLEMENTATIONS)
+    cli.fail("config error", f"only: unknown kernels {sorted(unknown)}; choose from {', '.join(KERNELS)}")
+  unknown = set(fv.implementations.split(",")) - set(IMPLEMENTATIONS)
   if unknown:
-    parser.error(f"unknown implementations {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
-  return args
+    cli.fail("config error", f"implementations: unknown {sorted(unknown)}; choose from "
+             f"{', '.join(IMPLEMENTATIONS)}")
+  return fv
 
 
 def main(argv=None):
-  args = _parse(argv)
+  args = _parse(sys.argv[1:] if argv is None else argv)
   backend = jax.default_backend()
   xla_only = backend == "cpu"
   shapes = dict(CPU_SHAPES if xla_only else ACCELERATOR_SHAPES)

@@ -285,6 +285,12 @@ class CraftaxOfflineSplit:
       step += hi - lo
     return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
+  def outcomes_of_every_action(self, episode: int, actions: np.ndarray, step: int):
+    """(frame at ``step`` of ``episode``, the frame each of the 17 actions leads to from there),
+    uint8, replaying the episode's ``actions`` (its recorded ones, at least ``step`` of them) in
+    the real game from its world seed (``env.next_frame_of_every_action``)."""
+    return craftax_env.next_frame_of_every_action(int(self.episodes["world_seed"][episode]), actions, step)
+
   def episode(self, index: int) -> dict[str, np.ndarray]:
     """All steps of episode ``index``."""
     start = int(self.episode_offsets[index])
@@ -351,14 +357,18 @@ def window_dataset(data_dir: str, split: str, window_len: int, *, variant: str =
   return windows[shard_index::shard_count]
 
 
-def main(argv=None):
-  """``python -m jaxai.craftax.dataset --data_dir DIR [--variant default]``: record and summarize."""
-  import argparse  # pylint: disable=g-import-not-at-top
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("data_dir", None, "Where craftax_offline/<variant>/ is recorded.", required=True)
+  flags.DEFINE_enum("variant", "default", sorted(VARIANTS), "Dataset variant.")
+
+
+def main(argv):
+  """``python -m jaxai.craftax.dataset --data_dir=DIR [--variant=default]``: record and summarize."""
+  del argv
   import json  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Record the craftax_offline dataset (once).")
-  parser.add_argument("--data_dir", required=True)
-  parser.add_argument("--variant", default="default", choices=sorted(VARIANTS))
-  args = parser.parse_args(argv)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  args = flags.FLAGS
   path = generate(args.data_dir, args.variant)
   for split in SPLITS:
     steps = load(args.data_dir, split, variant=args.variant)
@@ -370,4 +380,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from jaxai import cli  # pylint: disable=g-import-not-at-top
+  define_flags()
+  cli.run(main)

@@ -1,7 +1,7 @@
 """How skilled each behaviour policy is: achievement success rates in the real Craftax-Classic.
 
-    python -m jaxai.craftax.evaluate_policies [--episodes 32] [--max_episode_len 2000]
-        [--policies random,novice,intermediate,expert] [--num_envs 64]
+    python -m jaxai.craftax.evaluate_policies [--episodes=32] [--max_episode_len=2000]
+        [--policies=random,novice,intermediate,expert] [--num_envs=64]
 
 prints one JSON line per policy: success rate (%) of each of the 22 achievements over the episodes
 (an achievement counts if unlocked at any point of the episode), the Crafter score (geometric mean
@@ -23,13 +23,13 @@ machine), success rates in %:
 experts 50.5.) In the recorded ``default`` train split the expert reached the iron pickaxe in 89 and
 the diamond in 88 of its 120 episodes.
 """
-import argparse
 import json
-import sys
 import time
 
 import numpy as np
+from absl import flags
 
+from jaxai import cli
 from jaxai.craftax import env as craftax_env
 from jaxai.craftax import policies
 
@@ -64,20 +64,27 @@ def evaluate(policy_names, episodes: int, max_episode_len: int, num_envs: int) -
   return results
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--episodes", type=int, default=32, help="episodes per policy")
-  parser.add_argument("--max_episode_len", type=int, default=2000)
-  parser.add_argument("--policies", default=",".join(policies.POLICY_NAMES))
-  parser.add_argument("--num_envs", type=int, default=64)
-  args = parser.parse_args(argv)
+def define_flags():
+  flags.DEFINE_integer("episodes", 32, "Episodes per policy.")
+  flags.DEFINE_integer("max_episode_len", 2000, "Steps before an episode is cut.")
+  flags.DEFINE_string("policies", ",".join(policies.POLICY_NAMES), "Comma-separated behaviour policies.")
+  flags.DEFINE_integer("num_envs", 64, "Games played in parallel.")
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
   names = [n for n in args.policies.split(",") if n]
   unknown = [n for n in names if n not in policies.SKILLS]
   if unknown:
-    parser.error(f"unknown policies {unknown}; choose from {', '.join(policies.POLICY_NAMES)}")
+    cli.fail("config error", f"policies: unknown {unknown}; choose from {', '.join(policies.POLICY_NAMES)}")
+  for name in ("episodes", "max_episode_len", "num_envs"):
+    if args[name].value < 1:
+      cli.fail("config error", f"{name}: must be >= 1, got {args[name].value}")
   for result in evaluate(names, args.episodes, args.max_episode_len, args.num_envs):
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  cli.run(main)

@@ -1,6 +1,6 @@
 """The reconstruction floor set by Craftax's night static: no tokenizer can reproduce random pixels.
 
-    python -m jaxai.craftax.night_noise [--renders 16]
+    python -m jaxai.craftax.night_noise [--renders=16]
 
 At night (light level < 0.5) the renderer blends fresh uniform noise from ``state.state_rng`` into
 every map pixel, strongest at the edges of the view. A model that reconstructs the noise-free
@@ -10,20 +10,21 @@ fraction of the day with static, the per-pixel noise variance (in [0, 1] units, 
 included) as a PSNR floor at the darkest timestep and at the median night timestep, and the
 variance averaged over the day (awake and asleep: sleeping greys the view and halves the static).
 
-Measured (2026-11-28, 17 s): static on 41.7% of the day; floor 29.57 dB at the darkest timestep
-awake (35.57 dB asleep), 34.02 dB at the median night timestep; mean variance over the day 1.96e-4
-(37.08 dB). So a held-out PSNR of 32 dB is not ruled out by the noise, but night frames cap near 30.
+The game's own figures (the same on every host; docs/world_model.md): static on 41.7% of the day;
+floor 29.57 dB at the darkest timestep awake (35.57 dB asleep), 34.02 dB at the median night
+timestep; 37.08 dB for the day's mean variance. So the noise does not rule out a held-out PSNR of
+32 dB, but night frames cap near 30.
 """
-import argparse
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from craftax.craftax_classic.envs.craftax_state import EnvParams
 from craftax.craftax_classic.game_logic import calculate_light_level
 
-from jaxai import metrics
+from jaxai import cli, metrics
 from jaxai.craftax import env as craftax_env
 
 DAY_LENGTH = EnvParams().day_length  # 300 steps
@@ -44,14 +45,17 @@ def noise_variance_by_timestep(renders: int, sleeping: bool, world_seed: int = 0
   return np.asarray(jax.jit(lambda ts: jax.lax.map(variance, ts))(jnp.arange(DAY_LENGTH)))
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--renders", type=int, default=16, help="renders per timestep (>= 2)")
-  args = parser.parse_args(argv)
-  if args.renders < 2:
-    parser.error("--renders must be >= 2 to measure a variance")
-  awake = noise_variance_by_timestep(args.renders, sleeping=False)
-  asleep = noise_variance_by_timestep(args.renders, sleeping=True)
+def define_flags():
+  flags.DEFINE_integer("renders", 16, "Renders per timestep (>= 2).")
+
+
+def main(argv) -> None:
+  del argv
+  renders = flags.FLAGS.renders
+  if renders < 2:
+    cli.fail("config error", f"renders: must be >= 2 to measure a variance, got {renders}")
+  awake = noise_variance_by_timestep(renders, sleeping=False)
+  asleep = noise_variance_by_timestep(renders, sleeping=True)
   night = awake > 0
   print(json.dumps({
       "static_fraction": float(night.mean()),
@@ -64,4 +68,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -8,6 +8,7 @@ whatever the process count, and the iterator state is a position that grain chec
 from typing import Any, Callable
 
 import grain
+import numpy as np
 
 
 def process_local_batches(examples: grain.MapDataset, global_batch: int, *, seed: int,
@@ -28,3 +29,9 @@ def process_local_batches(examples: grain.MapDataset, global_batch: int, *, seed
   if transform is not None:
     batches = batches.map_with_index(transform)
   return batches.to_iter_dataset()
+
+
+def evenly_spaced(num_items: int, count: int) -> np.ndarray:
+  """Indices of ``min(count, num_items)`` items spread evenly over ``range(num_items)``, first and
+  last included (fewer when rounding makes two picks the same)."""
+  return np.unique(np.linspace(0, num_items - 1, min(count, num_items)).astype(int))

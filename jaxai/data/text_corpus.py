@@ -19,7 +19,7 @@ class CorpusError(FileNotFoundError):
   pass
 
 
-def _list_files(source: str) -> tuple[str, list[str]]:
+def list_files(source: str) -> tuple[str, list[str]]:
   if source == "stdlib":
     root = sysconfig.get_paths()["stdlib"]
     suffixes = (".py",)
@@ -41,7 +41,7 @@ def _list_files(source: str) -> tuple[str, list[str]]:
 
 def load_corpus(source: str, heldout_fraction: float = 0.05) -> dict[str, np.ndarray]:
   """Returns ``{'train': uint8 bytes, 'heldout': uint8 bytes}``."""
-  root, files = _list_files(source)
+  root, files = list_files(source)
   parts = {"train": [], "heldout": []}
   for path in files:
     bucket = zlib.crc32(os.path.relpath(path, root).encode()) % 10_000

@@ -17,14 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxai.nn import layers
+from jaxai.nn import dispatch, layers
+from kernels_pallas import block_causal_attention as block_causal_kernel
 
-AttentionImpl = Literal["xla", "pallas"]
-
-
-def default_attention_impl() -> AttentionImpl:
-  """The Pallas kernels run compiled on GPU/TPU; on CPU they only interpret, so XLA is faster."""
-  return "xla" if jax.default_backend() == "cpu" else "pallas"
+AttentionImpl = Literal["auto", "xla", "pallas"]
 
 
 def frame_mask(q_len: int, kv_len: int, *, frame_size: int | None, window_frames: int | None = None,
@@ -68,20 +64,18 @@ def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None
 
 def dot_product_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None,
                           q_offset=0, impl: AttentionImpl = "xla"):
-  """Dispatches to the XLA path or the Pallas block-causal kernel; both compute the same function."""
-  if impl == "xla":
+  """The XLA path or the Pallas block-causal kernel (``dispatch.resolve``: ``auto`` picks the
+  kernel only on a platform it is written for); both compute the same function."""
+  if dispatch.resolve(impl, block_causal_kernel.PLATFORMS) == "xla":
     return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
                          soft_cap=soft_cap, mask=mask, q_offset=q_offset)
-  if impl != "pallas":
-    raise ValueError(f"attention impl must be 'xla' or 'pallas', got {impl!r}")
   if mask is not None or not isinstance(q_offset, int) or q_offset or q.shape[1] != k.shape[1]:
     # Dense extra masks and cached decoding stay on XLA: the kernel covers the training shapes.
     return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
                          soft_cap=soft_cap, mask=mask, q_offset=q_offset)
-  from kernels_pallas import block_causal_attention as kernel  # pylint: disable=g-import-not-at-top
-  return kernel.block_causal_attention(
+  return block_causal_kernel.block_causal_attention(
       q, k, v, frame_size=q.shape[1] if frame_size is None else frame_size,
-      window_frames=window_frames, soft_cap=soft_cap, interpret=jax.default_backend() == "cpu")
+      window_frames=window_frames, soft_cap=soft_cap, interpret=dispatch.interpret())
 
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:

@@ -40,10 +40,16 @@ the frame itself, and the network predicts the change. Scaling the copy by 1 - t
 nearly clean frames, most of the ramp-weighted loss, from pulling the gate down. Frame t - 1 comes
 from the same input sequence (or, in a rollout, from the cache), so causality is unchanged.
 
+Layers. The layers are one ``transformer.BlockStack`` (parameters ``blocks_i``). With
+``block.scan_layers`` it scans over groups of ``time_every`` layers, ``time_every - 1`` space
+layers then a time layer (so ``num_layers`` must be a multiple of ``time_every``; layout ``full``:
+over single layers), compiling one group however deep the model is.
+
 KV cache. Only time layers need one (space layers see the current frame only): ``init_cache``
 makes one ``attention.init_kv_cache`` per time layer over ``B * F`` slot sequences (layout
-``full``: one per layer over ``B`` sequences of ``T * F`` tokens), plus the last cached frame's
-noisy latents and signal level for ``previous_frame``, and
+``full``: one per layer over ``B`` sequences of ``T * F`` tokens), a list, or one cache stacked
+over the layers when they are scanned (``transformer.init_stack_cache``), plus the last cached
+frame's noisy latents and signal level for ``previous_frame``, and
 ``Dynamics(...)(..., cache=cache)`` treats its frames as the next ones after those cached,
 returning ``(prediction, updated cache)``; ``commit=n`` keeps only the first n frames in the
 returned cache (the others' entries stay, beyond its index, hidden until overwritten), which lets
@@ -60,7 +66,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxai.nn import attention, layers, transformer
+from jaxai.nn import layers, transformer
 
 NUM_CRAFTAX_ACTIONS = 17
 
@@ -84,6 +90,7 @@ class DynamicsConfig:
   context_fraction: float = 0.0  # frames trained as rollout context (not in the paper)
   context_signal: float = 0.9  # their lowest signal level, on the grid as rollouts put their context
   next_frame_fraction: float = 0.0  # frames trained at tau = 0 after a context frame (not in the paper)
+  loss_impl: str = "xla"  # the shortcut-forcing loss: xla | pallas | auto (the fused kernel where written)
   token_init_scale: float = 0.02
 
   def __post_init__(self):
@@ -97,6 +104,9 @@ class DynamicsConfig:
     if not 1 <= self.time_every <= self.num_layers:
       raise ValueError(f"time_every={self.time_every} must be in [1, num_layers={self.num_layers}]: "
                        "otherwise no layer attends over time")
+    if self.block.scan_layers and self.layout == "factorised" and self.num_layers % self.time_every:
+      raise ValueError(f"scan_layers scans groups of time_every={self.time_every} layers: num_layers="
+                       f"{self.num_layers} must be a multiple of it")
 
   @property
   def tokens_per_frame(self) -> int:
@@ -117,6 +127,15 @@ class DynamicsConfig:
 
   def is_time_layer(self, layer: int) -> bool:
     return layer % self.time_every == self.time_every - 1
+
+  @property
+  def layer_frame_sizes(self) -> tuple[int | None, ...]:
+    """The repeating pattern of ``transformer.BlockStack.frame_sizes``: time layers (causal over
+    each slot's frames) every ``time_every``-th, space layers (bidirectional within a frame)
+    between; layout ``full``: every layer block-causal over frames of F tokens."""
+    if self.layout == "full":
+      return (self.tokens_per_frame,)
+    return (None,) * (self.time_every - 1) + (1,)
 
   @property
   def num_cached_layers(self) -> int:
@@ -152,16 +171,15 @@ def actions_into_frames(actions: jax.Array, is_first: jax.Array) -> tuple[jax.Ar
 
 
 def init_cache(config: DynamicsConfig, batch: int, max_frames: int) -> dict:
-  """An empty cache: ``layers``, one KV cache per layer that attends over time
-  (``num_cached_layers``), and the last frame written (``previous_latents`` [B, N, C],
-  ``previous_level`` [B], its signal index; K_max: no frame yet)."""
-  b = config.block
+  """An empty cache: ``layers``, the KV caches of the layers that attend over time
+  (``num_cached_layers``; ``transformer.init_stack_cache``: a list, or stacked when the blocks
+  are scanned), and the last frame written (``previous_latents`` [B, N, C], ``previous_level``
+  [B], its signal index; K_max: no frame yet)."""
   if config.layout == "full":
     sequences, length = batch, max_frames * config.tokens_per_frame
   else:
     sequences, length = batch * config.tokens_per_frame, max_frames
-  return {"layers": [attention.init_kv_cache(sequences, length, b.num_kv_heads, b.head_dim, b.dtype)
-                     for _ in range(config.num_cached_layers)],
+  return {"layers": transformer.init_stack_cache(config.block, config.num_cached_layers, sequences, length),
           "previous_latents": jnp.zeros((batch, config.num_latents, config.latent_channels), jnp.float32),
           "previous_level": jnp.full((batch,), config.k_max, jnp.int32)}
 
@@ -209,12 +227,9 @@ class Dynamics(nn.Module):
     self.action_embed = self.param("action_embed", small((None, "embed")), (c.num_actions, width),
                                    jnp.float32)
     self.action_base = self.param("action_base", small(("embed",)), (width,), jnp.float32)
-    if c.layout == "full":
-      self.blocks = [transformer.TransformerBlock(c.block, frame_size=c.tokens_per_frame)
-                     for _ in range(c.num_layers)]
-    else:
-      self.blocks = [transformer.TransformerBlock(c.block, frame_size=1 if c.is_time_layer(i) else None)
-                     for i in range(c.num_layers)]
+    self.blocks = transformer.BlockStack(
+        c.block, c.num_layers, frame_sizes=c.layer_frame_sizes,
+        layer_fn=transformer.apply_block if c.layout == "full" else _factorised_layer)
     self.out_norm = layers.RMSNorm(dtype=jnp.float32)
     self.latent_out = layers.Dense(c.values_per_token, ("embed", None), dtype=jnp.float32)
     if c.previous_frame:
@@ -265,8 +280,7 @@ class Dynamics(nn.Module):
       raise ValueError(f"commit={commit}: must be in [1, {t}] (the frames of this call)")
     if commit < t:  # the index goes back; the causal mask hides what lies past it
       per_frame = c.tokens_per_frame if c.layout == "full" else 1
-      new_layer_caches = [dict(layer, index=layer["index"] - (t - commit) * per_frame)
-                          for layer in new_layer_caches]
+      new_layer_caches = transformer.rewind_cache(new_layer_caches, (t - commit) * per_frame)
     return out, {"layers": new_layer_caches, "previous_latents": latents[:, commit - 1].astype(jnp.float32),
                  "previous_level": signal_index(tau[:, commit - 1], c.k_max)}
 
@@ -286,38 +300,33 @@ class Dynamics(nn.Module):
       level = jnp.where(single_image[:, None], c.k_max, level)
     return previous, level
 
-  def _apply_cached(self, block, h, positions, mask, cache, new_cache):
-    if cache is None:
-      return block(h, positions, mask)
-    h, layer_cache = block(h, positions, mask, cache=cache[len(new_cache)])
-    new_cache.append(layer_cache)
-    return h
-
   def _factorised(self, x, single_image, cache):
-    c = self.config
-    b, t, f, width = x.shape
-    time_offset = 0 if cache is None else cache[0]["index"]
-    kv_len = t if cache is None else cache[0]["key"].shape[1]
+    b, t, f, _ = x.shape
+    time_offset = 0 if cache is None else transformer.cache_index(cache)
+    kv_len = t if cache is None else transformer.cache_length(cache)
     time_positions = (time_offset + jnp.arange(t))[None]
     time_mask = None if single_image is None else _single_image_mask(single_image, 1, f, t, kv_len, time_offset)
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      if c.is_time_layer(i):  # [B * F slot sequences, T frames]
-        h = x.swapaxes(1, 2).reshape(b * f, t, width)
-        h = self._apply_cached(block, h, time_positions, time_mask, cache, new_cache)
-        x = h.reshape(b, f, t, width).swapaxes(1, 2)
-      else:  # [B * T frames, F tokens]
-        x = block(x.reshape(b * t, f, width), jnp.arange(f)[None]).reshape(b, t, f, width)
-    return x, new_cache
+    out = self.blocks(x, time_positions, time_mask, cache=cache)
+    return out if cache is not None else (out, None)
 
   def _full(self, x, single_image, cache):
     """Every layer block-causal over all T * F tokens; RoPE position = frame * F + slot."""
     b, t, f, width = x.shape
-    token_offset = 0 if cache is None else cache[0]["index"]
-    kv_len = t * f if cache is None else cache[0]["key"].shape[1]
+    token_offset = 0 if cache is None else transformer.cache_index(cache)
+    kv_len = t * f if cache is None else transformer.cache_length(cache)
     positions = (token_offset + jnp.arange(t * f))[None]
     mask = None if single_image is None else _single_image_mask(single_image, f, 1, t * f, kv_len, token_offset)
-    h, new_cache = x.reshape(b, t * f, width), []
-    for block in self.blocks:
-      h = self._apply_cached(block, h, positions, mask, cache, new_cache)
+    out = self.blocks(x.reshape(b, t * f, width), positions, mask, cache=cache)
+    h, new_cache = out if cache is not None else (out, None)
     return h.reshape(b, t, f, width), new_cache
+
+
+def _factorised_layer(block, x, time_positions, time_mask, cache):
+  """One layer of the factorised layout on x [B, T, F, D]: a space layer (frame_size None) over
+  each frame's F tokens, a time layer over each of the B * F slot sequences of T frames."""
+  b, t, f, width = x.shape
+  if block.frame_size is None:
+    return block(x.reshape(b * t, f, width), jnp.arange(f)[None]).reshape(b, t, f, width), cache
+  h = x.swapaxes(1, 2).reshape(b * f, t, width)
+  h, cache = transformer.apply_block(block, h, time_positions, time_mask, cache)
+  return h.reshape(b, f, t, width).swapaxes(1, 2), cache

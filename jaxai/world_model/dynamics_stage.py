@@ -1,165 +1,85 @@
 """World model, stage ``dynamics``: shortcut forcing on frozen-tokenizer latents of recorded play.
 
-The tokenizer is read, frozen, from ``<tokenizer_workdir>/tokenizer/checkpoints`` (its latest
-step; ``dynamics.tokenizer_workdir`` defaults to this run's workdir, which ``stage=all`` has just
-filled). The recorded episodes are encoded once into a latent cache next to that checkpoint
-(``jaxai.world_model.latents``), so several dynamics runs (the shortcut model and its ablation)
-share it. Training trains in ``workdir/dynamics``.
+The stage reads the tokenizer stage (``stages.dynamics.reads``): its latest checkpoint in
+``reads_dir`` (``stages.dynamics.reads_from``, default this run's workdir, which ``stage=all`` has
+just filled), built as it was trained (``stages.load_stage``). The recorded episodes are encoded
+once into a latent cache next to that checkpoint (``jaxai.world_model.latents``), so several
+dynamics runs (the shortcut model and its ablation) share it. Training trains in
+``workdir/dynamics``.
 
 Batches alternate lengths as in the paper: every ``long_every``-th batch holds ``batch_size``
 windows of ``window_len`` frames, the others the same frames cut into windows of
 ``short_window_len`` (``batch_size * window_len / short_window_len`` of them); a fraction
-``single_image_fraction`` of the sequences is trained with no time context. Trainer fields of this
-stage (batch, steps, schedule, eval cadence) come from ``dynamics_train``, so that ``stage=all``
-trains each stage with its own.
+``single_image_fraction`` of the sequences is trained with no time context.
 
 Evaluation: ``jaxai.world_model.rollout_eval``.
 """
 import functools
 import os
-import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxai import checkpointing, config_lib
+from jaxai import config_lib, stages
 from jaxai.data import pipeline
-from jaxai.tasks import Task
+from jaxai.world_model import data
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import latents as latents_lib
+from jaxai.world_model import models, rollout_eval
 from jaxai.world_model import shortcut_forcing
-
-STAGE_TRAINER_FIELDS = ("batch_size", "total_steps", "eval_every", "checkpoint_every", "log_every")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  if config.data.source != "craftax":
-    raise config_lib.ConfigError("data.source", f"the dynamics stage trains on recorded play with "
-                                 f"actions: needs craftax, got {config.data.source!r}")
-  validate_model(config)
-
-
-def validate_model(config: ml_collections.ConfigDict) -> None:
-  """The dynamics, rollout and dynamics_train fields, whatever the data."""
+  """The dynamics and rollout fields."""
   d = config.dynamics
   config_lib.validate_attention_heads("dynamics", d)
-  for field in ("width", "num_layers", "spatial_tokens", "num_registers", "window_len",
-                "short_window_len", "mlp_hidden"):
-    if d[field] <= 0:
-      raise config_lib.ConfigError(f"dynamics.{field}", f"must be positive, got {d[field]}")
+  config_lib.validate_block_stack("dynamics", d)
+  config_lib.check_positive(d, "width", "num_layers", "spatial_tokens", "num_registers", "window_len",
+                            "short_window_len", "mlp_hidden", prefix="dynamics.")
   values = config.tokenizer.num_latents * config.tokenizer.latent_channels
-  if values % d.spatial_tokens:
-    raise config_lib.ConfigError("dynamics.spatial_tokens", f"the tokenizer's {values} latent values "
-                                 f"per frame do not split into {d.spatial_tokens} tokens")
-  if d.k_max < 1 or d.k_max & (d.k_max - 1):
-    raise config_lib.ConfigError("dynamics.k_max", f"must be a power of two, got {d.k_max}")
-  if not 1 <= d.time_every <= d.num_layers:
-    raise config_lib.ConfigError("dynamics.time_every", f"must be in [1, num_layers={d.num_layers}]")
-  if d.layout not in ("factorised", "full"):
-    raise config_lib.ConfigError("dynamics.layout", f"must be factorised or full, got {d.layout!r}")
-  if d.window_len % d.short_window_len:
-    raise config_lib.ConfigError("dynamics.short_window_len", f"{d.short_window_len} does not divide "
-                                 f"window_len={d.window_len}")
-  if d.long_every < 0:
-    raise config_lib.ConfigError("dynamics.long_every", f"must be >= 0, got {d.long_every}")
-  if d.bootstrap_fraction > 1.0 or (d.bootstrap_fraction < 0 and d.bootstrap_fraction != -1):
-    raise config_lib.ConfigError("dynamics.bootstrap_fraction", f"must be in [0, 1], or -1 for the "
-                                 f"paper's uniform step sizes, got {d.bootstrap_fraction}")
-  if not 0.0 <= d.context_fraction < 1.0:
-    raise config_lib.ConfigError("dynamics.context_fraction", f"must be in [0, 1), got {d.context_fraction}")
-  if not 0.0 <= d.next_frame_fraction < 1.0:
-    raise config_lib.ConfigError("dynamics.next_frame_fraction",
-                                 f"must be in [0, 1), got {d.next_frame_fraction}")
-  if not 0.0 <= d.single_image_fraction <= 1.0:
-    raise config_lib.ConfigError("dynamics.single_image_fraction",
-                                 f"must be in [0, 1], got {d.single_image_fraction}")
+  config_lib.check(values % d.spatial_tokens == 0, "dynamics.spatial_tokens", f"the tokenizer's {values} "
+                   f"latent values per frame do not split into {d.spatial_tokens} tokens")
+  config_lib.check(config_lib.is_power_of_two(d.k_max), "dynamics.k_max", f"must be a power of two, got {d.k_max}")
+  config_lib.check_range(d, "time_every", 1, d.num_layers, prefix="dynamics.")
+  config_lib.check(not d.scan_layers or d.layout != "factorised" or d.num_layers % d.time_every == 0,
+                   "dynamics.num_layers", f"scan_layers scans groups of time_every={d.time_every} layers: "
+                   f"{d.num_layers} is not a multiple of it")
+  config_lib.check_choice(d, "layout", ("factorised", "full"), prefix="dynamics.")
+  config_lib.check_choice(d, "shortcut_loss_impl", ("auto", "xla", "pallas"), prefix="dynamics.")
+  config_lib.check(d.window_len % d.short_window_len == 0, "dynamics.short_window_len",
+                   f"{d.short_window_len} does not divide window_len={d.window_len}")
+  config_lib.check_at_least(d, 0, "long_every", prefix="dynamics.")
+  config_lib.check(0 <= d.bootstrap_fraction <= 1 or d.bootstrap_fraction == -1, "dynamics.bootstrap_fraction",
+                   f"must be in [0, 1], or -1 for the paper's uniform step sizes, got {d.bootstrap_fraction}")
+  for field in ("context_fraction", "next_frame_fraction"):
+    config_lib.check_range(d, field, 0.0, 1.0, high_open=True, prefix="dynamics.")
+  config_lib.check_range(d, "single_image_fraction", 0.0, 1.0, prefix="dynamics.")
   r = config.rollout
   for field in ("num_steps", "baseline_steps"):
-    if r[field] < 1 or r[field] & (r[field] - 1) or r[field] > d.k_max:
-      raise config_lib.ConfigError(f"rollout.{field}", f"must be a power of two in [1, "
-                                   f"dynamics.k_max={d.k_max}], got {r[field]}")
-  if r.context_frames + r.horizon > d.window_len:
-    raise config_lib.ConfigError("rollout.horizon", f"context_frames + horizon = {r.context_frames} + "
-                                 f"{r.horizon} exceeds the trained window_len={d.window_len}")
-  if r.context_frames < 1 or r.horizon < 1:
-    raise config_lib.ConfigError("rollout.horizon", "context_frames and horizon must be positive")
-  if r.compute_dtype not in ("float32", "bfloat16"):
-    raise config_lib.ConfigError("rollout.compute_dtype", f"must be float32 or bfloat16, got {r.compute_dtype!r}")
-  if not 0.0 <= r.context_signal <= 1.0:
-    raise config_lib.ConfigError("rollout.context_signal", f"must be in [0, 1], got {r.context_signal}")
-  validate_stage_trainer(config)
+    models.check_num_steps(f"rollout.{field}", r[field], d.k_max)
+  config_lib.check_positive(r, "context_frames", "horizon", prefix="rollout.")
+  config_lib.check(r.context_frames + r.horizon <= d.window_len, "rollout.horizon",
+                   f"context_frames + horizon = {r.context_frames} + {r.horizon} exceeds the trained "
+                   f"window_len={d.window_len}")
+  config_lib.check_choice(r, "compute_dtype", ("float32", "bfloat16"), prefix="rollout.")
+  config_lib.check_range(r, "context_signal", 0.0, 1.0, prefix="rollout.")
 
 
-def validate_stage_trainer(config: ml_collections.ConfigDict) -> None:
-  t = config.dynamics_train
-  for field in STAGE_TRAINER_FIELDS:
-    minimum = 0 if field == "eval_every" else 1
-    if t[field] < minimum:
-      raise config_lib.ConfigError(f"dynamics_train.{field}", f"must be >= {minimum}, got {t[field]}")
-  if t.learning_rate <= 0:
-    raise config_lib.ConfigError("dynamics_train.learning_rate", f"must be positive, got {t.learning_rate}")
+# --- the frozen tokenizer and its latents ---------------------------------------------------------
+
+class FrozenTokenizer(NamedTuple):
+  model: Any
+  step: int
+  params: Any
 
 
-def tokenizer_checkpoints(config, workdir: str) -> str:
-  return os.path.join(config.dynamics.tokenizer_workdir or workdir, "tokenizer", "checkpoints")
-
-
-def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose trainer fields are those of ``dynamics_train``."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  t = config.dynamics_train
-  for field in STAGE_TRAINER_FIELDS:
-    c[field] = t[field]
-  c.optimizer.learning_rate = t.learning_rate
-  c.optimizer.warmup_steps = t.warmup_steps
-  return c
-
-
-def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
-  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
-  d, t = config.dynamics, config.tokenizer
-  return dynamics_lib.Dynamics(dynamics_lib.DynamicsConfig(
-      block=task_lib.block_config(config, d), num_layers=d.num_layers, num_latents=t.num_latents,
-      latent_channels=t.latent_channels, spatial_tokens=d.spatial_tokens, num_registers=d.num_registers,
-      k_max=d.k_max, time_every=d.time_every, layout=d.layout, shortcut=d.shortcut,
-      bootstrap_fraction=None if d.bootstrap_fraction < 0 else d.bootstrap_fraction,
-      previous_frame=d.previous_frame, context_fraction=d.context_fraction,
-      context_signal=config.rollout.context_signal, next_frame_fraction=d.next_frame_fraction))
-
-
-def load_tokenizer(config, workdir: str):
-  """(tokenizer model, checkpoint step, params) of the frozen tokenizer this stage reads.
-
-  The model is built from the ``tokenizer`` section the tokenizer was trained with (its
-  config.json), not from ``config``'s: some switches (``aligned_inputs``) add no parameter, so a
-  checkpoint would load into the wrong model without an error.
-  """
-  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
-  checkpoints = tokenizer_checkpoints(config, workdir)
-  step, params = checkpointing.restore_params(checkpoints)
-  config = _section_as_trained(config, os.path.dirname(checkpoints), "tokenizer")
-  return task_lib.make_tokenizer(config), step, params
-
-
-def _section_as_trained(config: ml_collections.ConfigDict, stage_dir: str, section: str,
-                        keep: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose ``section`` is the one the stage in ``stage_dir`` was trained with
-  (its config.json), but for the fields in ``keep`` and those the file does not have (added since);
-  ``config`` itself if the file is missing. A difference is said on stderr."""
-  saved = (config_lib.read_saved_config(stage_dir) or {}).get(section)
-  if not isinstance(saved, dict):
-    return config
-  now = config[section].to_dict()
-  saved = {**now, **saved, **{k: now[k] for k in keep}}
-  changed = config_lib.changed_fields({section: saved}, ml_collections.ConfigDict({section: now}))
-  if changed:
-    print(f"{section}: built as trained ({stage_dir}/config.json), not as this "
-          f"config says ({'; '.join(changed)})", file=sys.stderr, flush=True)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config[section] = ml_collections.ConfigDict(saved)
-  return config
+def load_tokenizer(config, workdir: str) -> FrozenTokenizer:
+  """The tokenizer the dynamics stage of ``config`` reads, built as it was trained."""
+  trained = stages.load_stage(config, stages.reads_dir(config, workdir), "tokenizer", sections=("tokenizer",),
+                              absent=models.BEFORE_FIELDS)
+  return FrozenTokenizer(models.make_tokenizer(trained.config), trained.step, trained.params)
 
 
 def encoder_fn(tokenizer):
@@ -168,14 +88,14 @@ def encoder_fn(tokenizer):
                                                         method=tokenizer.encode)[:, 0])
 
 
-def load_latents(config, workdir: str, split: str, tokenizer, tokenizer_step: int, tokenizer_params,
+def load_latents(config, workdir: str, split: str, tokenizer: FrozenTokenizer,
                  max_episodes: int) -> latents_lib.LatentSteps:
-  encode = encoder_fn(tokenizer)
+  encode = encoder_fn(tokenizer.model)
+  cache_dir = os.path.join(stages.reads_dir(config, workdir), "tokenizer", "latents")
   return latents_lib.load_or_encode(
-      lambda frames: encode(tokenizer_params, frames), data_dir=config.data.dir,
-      variant=config.data.variant, split=split, max_episodes=max_episodes,
-      tokenizer_step=tokenizer_step, cache_dir=os.path.join(os.path.dirname(tokenizer_checkpoints(
-          config, workdir)), "latents"))
+      lambda frames: encode(tokenizer.params, frames), data.load_split(config, split),
+      name=data.cache_prefix(config) + split, max_episodes=max_episodes,
+      tokenizer_step=tokenizer.step, cache_dir=cache_dir)
 
 
 def cut_short(index: int, batch: dict, *, long_every: int, short_len: int) -> dict:
@@ -192,25 +112,21 @@ def model_inputs(batch: dict) -> dict:
   return {"latents": batch["latents"].astype(jnp.float32), "actions": actions, "action_mask": labelled}
 
 
-def heldout_evaluator(config, workdir: str, model, tokenizer, tokenizer_step: int, tokenizer_params, *,
-                      out_dir: str):
+def heldout_evaluator(config, workdir: str, model, tokenizer: FrozenTokenizer, *, out_dir: str):
   """``rollout_eval.make_evaluate`` over the held-out split, encoded by the frozen tokenizer (or read
   from its latent cache): (dynamics params, step, seed=None) -> metrics."""
-  from jaxai.world_model import rollout_eval  # pylint: disable=g-import-not-at-top
-  heldout = load_latents(config, workdir, "heldout", tokenizer, tokenizer_step, tokenizer_params,
-                         max_episodes=0)
-  return rollout_eval.make_evaluate(config, model, tokenizer, tokenizer_params, heldout, out_dir)
+  heldout = load_latents(config, workdir, "heldout", tokenizer, max_episodes=0)
+  return rollout_eval.make_evaluate(config, model, tokenizer.model, tokenizer.params, heldout,
+                                    data.load_split(config, "heldout"), out_dir)
 
 
-def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
+def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
   d = config.dynamics
-  model = make_dynamics(config)
-  cache = {}
-
-  def frozen_tokenizer():  # read when the stage starts, not when it is built (stage=all trains it first)
-    if "tokenizer" not in cache:
-      cache["tokenizer"] = load_tokenizer(config, workdir)
-    return cache["tokenizer"]
+  model = models.make_dynamics(config)
+  # Read when the stage starts, not when it is built (and never by --dry_run).
+  frozen_tokenizer = functools.cache(lambda: load_tokenizer(config, workdir))
+  evaluator = functools.cache(lambda: heldout_evaluator(
+      config, workdir, model, frozen_tokenizer(), out_dir=stages.stage_dir(workdir, "dynamics")))
 
   def init_params(rng):
     c = model.config
@@ -219,51 +135,35 @@ def dynamics_stage(config: ml_collections.ConfigDict, workdir: str) -> Task:
     return model.init(rng, latents, zeros, zeros + c.d_min, zeros.astype(jnp.int32))["params"]
 
   def make_data(process_index, process_count):
-    steps = load_latents(config, workdir, "train", *frozen_tokenizer(), max_episodes=d.train_episodes)
+    data.ensure_dataset(config)
+    steps = load_latents(config, workdir, "train", frozen_tokenizer(), max_episodes=d.train_episodes)
     return pipeline.process_local_batches(
-        latents_lib.window_dataset(steps, d.window_len), config.dynamics_train.batch_size,
+        latents_lib.window_dataset(steps, d.window_len), config.batch_size,
         seed=config.seed, process_index=process_index, process_count=process_count,
         transform=functools.partial(cut_short, long_every=d.long_every, short_len=d.short_window_len))
+
+  def abstract_batch():  # a long batch: the larger of the two shapes the step is compiled for
+    t = config.tokenizer
+    shape = (config.batch_size, d.window_len)
+    return {"latents": jax.ShapeDtypeStruct((*shape, t.num_latents, t.latent_channels), jnp.float16),
+            "actions": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "is_first": jax.ShapeDtypeStruct(shape, jnp.bool_)}
 
   def loss(params, batch, rng):
     return shortcut_forcing.dynamics_loss(model, params, model_inputs(batch), rng,
                                           single_image_fraction=d.single_image_fraction)
 
-  def evaluate(params, step):
-    if "evaluate" not in cache:
-      cache["evaluate"] = heldout_evaluator(config, workdir, model, *frozen_tokenizer(),
-                                            out_dir=os.path.join(workdir, "dynamics"))
-    return cache["evaluate"](params, step)
-
-  return Task(name="dynamics", config=stage_config(config), init_params=init_params, loss=loss,
-              make_data=make_data, evaluate=evaluate, subdir="dynamics")
+  return stages.Stage(name="dynamics", config=config, init_params=init_params, loss=loss,
+                      make_data=make_data, abstract_batch=abstract_batch,
+                      evaluate=lambda params, step: evaluator()(params, step))
 
 
-def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with the compute dtype of rollouts outside training (``rollout.compute_dtype``)."""
-  if config.rollout.compute_dtype == config.compute_dtype:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.compute_dtype = config.rollout.compute_dtype
-  return config
-
-
-def as_trained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose ``dynamics`` section is the one the run in ``workdir`` was trained
-  with (its dynamics/config.json), to load that run: some fields change what the model computes and
-  no parameter shape (``shortcut``: the step size the network is told), so a checkpoint would
-  otherwise run as another model without an error. ``dynamics.tokenizer_workdir`` stays
-  ``config``'s if it names one, else it is the one the run read."""
-  keep = ("tokenizer_workdir",) if config.dynamics.tokenizer_workdir else ()
-  return _section_as_trained(config, os.path.join(workdir, "dynamics"), "dynamics", keep=keep)
-
+# --- loading a trained run ------------------------------------------------------------------------
 
 class TrainedRun(NamedTuple):
-  """A trained world-model run, built as it was trained (``as_trained``)."""
+  """A trained world-model run, built as it was trained."""
   config: ml_collections.ConfigDict
-  tokenizer: Any
-  tokenizer_step: int
-  tokenizer_params: Any
+  tokenizer: FrozenTokenizer
   dynamics: dynamics_lib.Dynamics
   step: int                 # of the dynamics checkpoint
   params: Any               # the dynamics parameters
@@ -271,17 +171,22 @@ class TrainedRun(NamedTuple):
 
 def load_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
   """The latest checkpoints of the run in ``workdir``, computing in ``config.compute_dtype``. The
-  tokenizer is the one the run was trained on (a run whose dynamics read another run's tokenizer
-  finds it there) unless ``dynamics.tokenizer_workdir`` names one."""
-  config = as_trained(config, workdir)
-  tokenizer, tokenizer_step, tokenizer_params = load_tokenizer(config, workdir)
-  step, params = checkpointing.restore_params(os.path.join(workdir, "dynamics", "checkpoints"))
-  return TrainedRun(config, tokenizer, tokenizer_step, tokenizer_params, make_dynamics(config), step,
-                    params)
+  tokenizer is the one the run's dynamics read (a run whose dynamics read another run's tokenizer
+  finds it there) unless ``stages.dynamics.reads_from`` names one."""
+  # The tokenizer section too: the dynamics model's sizes come from the latents it was trained on.
+  trained = stages.load_stage(config, workdir, "dynamics", sections=("dynamics", "tokenizer"),
+                              absent=models.BEFORE_FIELDS)
+  saved = config_lib.read_saved_config(trained.directory) or {}
+  older_reads = saved.get("dynamics", {}).get("tokenizer_workdir")  # the field's name before stages
+  if older_reads and not trained.config.stages.dynamics.reads_from:
+    trained.config.stages.dynamics.reads_from = older_reads
+  tokenizer = load_tokenizer(trained.config, workdir)
+  return TrainedRun(trained.config, tokenizer, models.make_dynamics(trained.config), trained.step,
+                    trained.params)
 
 
 def load_world_model(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, tokenizer params, dynamics, dynamics params) of ``load_run``, computing in
   ``rollout.compute_dtype``."""
-  run = load_run(rollout_config(config), workdir)
-  return run.tokenizer, run.tokenizer_params, run.dynamics, run.params
+  run = load_run(models.rollout_config(config), workdir)
+  return run.tokenizer.model, run.tokenizer.params, run.dynamics, run.params

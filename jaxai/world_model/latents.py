@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import tqdm
 
-from jaxai.craftax import dataset as craftax_dataset
+from jaxai.craftax import dataset as craftax_dataset  # window_starts, WindowSource: for any steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ class LatentSteps:
             "is_first": self.is_first[window]}
 
 
-def _cache_path(cache_dir: str, split: str, episodes: int, tokenizer_step: int) -> str:
-  return os.path.join(cache_dir, f"{split}_{episodes}ep_tokenizer{tokenizer_step}.npz")
+def _cache_path(cache_dir: str, name: str, episodes: int, tokenizer_step: int) -> str:
+  return os.path.join(cache_dir, f"{name}_{episodes}ep_tokenizer{tokenizer_step}.npz")
 
 
 def _read(path: str) -> LatentSteps | None:
@@ -56,17 +56,19 @@ def _read(path: str) -> LatentSteps | None:
   return steps if consistent else None
 
 
-def load_or_encode(encode, *, data_dir: str, variant: str, split: str, max_episodes: int,
-                   tokenizer_step: int, cache_dir: str, batch_size: int = 256) -> LatentSteps:
-  """The split's first ``max_episodes`` episodes (0: all) as latents, from the cache or encoded now.
+def load_or_encode(encode, steps, *, name: str, max_episodes: int, tokenizer_step: int,
+                   cache_dir: str, batch_size: int = 256) -> LatentSteps:
+  """The first ``max_episodes`` episodes (0: all) of split ``steps`` as latents, from the cache
+  ``name`` or encoded now.
 
+  steps: a split (``jaxai.world_model.data``: ``episodes``, ``episode_offsets``, ``read_steps``).
   encode: uint8 frames [B, H, W, C] -> latents [B, L, C] (the frozen tokenizer, jitted by the
   caller; called with exactly ``batch_size`` frames, the last batch padded).
   """
-  steps = craftax_dataset.load(data_dir, split, variant=variant)
+  split = name
   num_episodes = len(steps.episodes["length"])
   episodes = num_episodes if max_episodes <= 0 else min(max_episodes, num_episodes)
-  path = _cache_path(cache_dir, split, episodes, tokenizer_step)
+  path = _cache_path(cache_dir, name, episodes, tokenizer_step)
   if os.path.exists(path):
     cached = _read(path)
     if cached is not None:

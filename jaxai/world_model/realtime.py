@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxai.world_model import dynamics as dynamics_lib
-from jaxai.world_model import rollout
+from jaxai.world_model import models, rollout
 from jaxai.world_model import shortcut_forcing
 
 
@@ -167,12 +167,11 @@ def from_config(config: ml_collections.ConfigDict, tokenizer, tokenizer_params, 
 def random_world_model(config: ml_collections.ConfigDict, seed: int = 0):
   """(tokenizer, params, dynamics, params) of ``config`` at random init, computing in
   ``rollout.compute_dtype``: for timings and tests."""
-  from jaxai.world_model import dynamics_stage, task  # pylint: disable=g-import-not-at-top
-  config = dynamics_stage.rollout_config(config)
-  tokenizer, dynamics = task.make_tokenizer(config), dynamics_stage.make_dynamics(config)
+  config = models.rollout_config(config)
+  tokenizer, dynamics = models.make_tokenizer(config), models.make_dynamics(config)
   c = dynamics.config
   tokenizer_rng, dynamics_rng = jax.random.split(jax.random.key(seed))
-  tokenizer_params = jax.jit(tokenizer.init)(tokenizer_rng, jnp.zeros((1, 1, *task.FRAME_SHAPE), jnp.uint8))
+  tokenizer_params = jax.jit(tokenizer.init)(tokenizer_rng, jnp.zeros((1, 1, *models.FRAME_SHAPE), jnp.uint8))
   zeros = jnp.zeros((1, 1))
   dynamics_params = jax.jit(dynamics.init)(
       dynamics_rng, jnp.zeros((1, 1, c.num_latents, c.latent_channels)), zeros, zeros + c.d_min,

@@ -13,7 +13,7 @@ compared with the real ones (mean over windows of the per-frame PSNR, then over 
   baseline: an exact copy (a frame where nothing moved) scores 120 dB, the MSE floor of
   ``metrics.psnr_from_mse``, where any decoded frame is capped by the tokenizer, so a few exact
   copies among the windows lift the mean by several dB (2 of 32 windows one frame ahead: 32.3 dB
-  against a median of 26.4, 2026-11-30);
+  against a median of 26.4 in one measurement, docs/world_model.md);
 * ``eval/tokenizer_psnr_future``: the tokenizer's own reconstruction of the future frames, the
   ceiling any rollout decoded by it can reach.
 
@@ -42,8 +42,8 @@ optimum), so ``eval/next_latent_mse_k1`` also gives the one-step (K = 1) predict
 estimate of that mean, which is what a copy competes with.
 
 ``eval/action_top1``: ``rollout.action_states`` held-out game states are rebuilt in the real game
-(replaying the episode from its world seed) and stepped with each of the 17 actions, giving the
-true next frame of every action. The model, given the 16 preceding real frames, predicts the next
+(replaying the episode from its world seed; the synthetic source knows its own) and stepped with
+each of the 17 actions, giving the true next frame of every action. The model, given the 16 preceding real frames, predicts the next
 frame for each action (same noise for all 17). A state counts as a hit when the prediction closest
 to the real next frame belongs to an action whose real outcome *is* that frame: several actions
 often have the same effect (e.g. NOOP and a craft the player cannot afford), and they are then
@@ -59,7 +59,9 @@ import numpy as np
 from jaxai import metrics
 from jaxai.craftax import dataset as craftax_dataset
 from jaxai.craftax import env as craftax_env
+from jaxai.data import pipeline
 from jaxai.world_model import dynamics as dynamics_lib
+from jaxai.world_model import images
 from jaxai.world_model import latents as latents_lib
 from jaxai.world_model import rollout as rollout_lib
 
@@ -85,7 +87,7 @@ def frame_changes(last_context: np.ndarray, frames: np.ndarray) -> np.ndarray:
 
 
 def _evenly(items: np.ndarray, count: int) -> np.ndarray:
-  return items[np.unique(np.linspace(0, len(items) - 1, min(count, len(items))).astype(int))]
+  return items[pipeline.evenly_spaced(len(items), count)]
 
 
 def _horizon_metrics(prefix: str, psnr: np.ndarray) -> dict:
@@ -99,11 +101,11 @@ def _horizon_metrics(prefix: str, psnr: np.ndarray) -> dict:
 
 
 def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_lib.LatentSteps,
-                  out_dir: str):
-  """(dynamics params, step, seed=None) -> metrics; see the module docstring."""
+                  split, out_dir: str):
+  """(dynamics params, step, seed=None) -> metrics; see the module docstring. ``heldout``: the
+  held-out split's latents; ``split``: the split itself (``jaxai.world_model.data``), for frames."""
   r = config.rollout
   length = r.context_frames + r.horizon
-  split = craftax_dataset.load(config.data.dir, "heldout", variant=config.data.variant)
   starts = _evenly(craftax_dataset.window_starts(heldout.episode_offsets, length), r.eval_windows)
   frames = np.stack([split.read_steps(int(s), length)["frames"] for s in starts])  # [W, T, H, W, C]
   window_latents = np.stack([heldout.latents[s:s + length] for s in starts]).astype(np.float32)
@@ -114,12 +116,14 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
   future = frames[:, r.context_frames:]
 
   @jax.jit
-  def decode(z):
+  def decode_with(params, z):
     """[W, T, L, C] -> [W, T, H, W, C], each frame decoded on its own, as the tokenizer was trained
-    (single frames) and as the interactive world decodes."""
-    frames = tokenizer.apply({"params": tokenizer_params}, z.reshape(-1, 1, *z.shape[2:]),
-                             method=tokenizer.decode)
+    (single frames) and as the interactive world decodes. The params are an input of the program,
+    not constants baked into it."""
+    frames = tokenizer.apply({"params": params}, z.reshape(-1, 1, *z.shape[2:]), method=tokenizer.decode)
     return jnp.clip(frames.reshape(*z.shape[:2], *frames.shape[2:]), 0.0, 1.0)
+
+  decode = lambda z: decode_with(tokenizer_params, z)
 
   def imagine_latents(params, context, actions, labelled, rng, num_steps):
     return rollout_lib.rollout(model, params, context, actions, rng, num_steps=num_steps,
@@ -189,8 +193,7 @@ def _action_states(config, split, heldout: latents_lib.LatentSteps) -> dict:
   for e, t in _evenly(np.array(candidates, dtype=np.int64), r.action_states):
     begin = int(heldout.episode_offsets[e])
     episode_actions = heldout.actions[begin:begin + t + 1]
-    frame, next_frames = craftax_env.next_frame_of_every_action(int(heldout.world_seeds[e]),
-                                                                episode_actions, t)
+    frame, next_frames = split.outcomes_of_every_action(e, episode_actions, t)
     recorded = split.read_steps(begin + t, 2)["frames"]
     # The replay must land on the recorded frames (up to float rounding), or the states are wrong.
     if np.mean(np.abs(frame.astype(int) - recorded[0]) > 1) > 0.01 or \
@@ -230,11 +233,7 @@ def _write_strip(path: str, real: np.ndarray, imagined: np.ndarray) -> None:
   """PNG: for each window, the real future frames above the imagined ones."""
   if jax.process_index() != 0:
     return
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxai.world_model import task as task_lib  # pylint: disable=g-import-not-at-top
   horizon = real.shape[1]
-  grid = task_lib.image_grid(real.reshape(-1, *real.shape[2:]),
-                             np.round(imagined.reshape(-1, *imagined.shape[2:]) * 255).astype(np.uint8),
-                             columns=horizon, scale=2)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path)
+  images.save_png(path, images.image_grid(
+      real.reshape(-1, *real.shape[2:]),
+      np.round(imagined.reshape(-1, *imagined.shape[2:]) * 255).astype(np.uint8), columns=horizon, scale=2))

@@ -7,8 +7,9 @@ latents (x-prediction). Frames with d = d_min = 1 / K_max regress the clean late
 the others regress, in v-space, the average of two half steps of size d / 2 taken by the network
 itself under stop-gradient (bootstrap), times (1 - tau)^2 to bring it back to x-space scale; every
 frame is weighted by the ramp 0.9 tau + 0.1. The formula lives once, in
-``kernels_pallas/shortcut_forcing.py``: its fused Pallas kernel when the model's attention runs on
-Pallas, its plain-jnp reference otherwise (on CPU the kernel could only be interpreted).
+``kernels_pallas/shortcut_forcing.py``: its fused Pallas kernel or its plain-jnp reference, by the
+model's ``loss_impl`` (default XLA: on an H100 XLA's own fusion of the reference was faster than
+the kernel, and on CPU the kernel could only be interpreted).
 
 The two half steps need two extra forward passes, over the whole sequence at once:
   pass 1: f(z_tau, tau, d / 2) for every frame;
@@ -22,6 +23,7 @@ keep (z_tau, tau, d) in both passes: their half steps are not used and d_min / 2
 import jax
 import jax.numpy as jnp
 
+from jaxai.nn import dispatch
 from kernels_pallas import shortcut_forcing as kernel
 
 
@@ -66,7 +68,7 @@ def with_context_frames(rng: jax.Array, tau: jax.Array, step: jax.Array, *, frac
   Not in the paper. With tau independent and uniform per frame, a frame's predecessor is as clean
   as a rollout's context (signal >= 0.9) for only 10% of the frames, so the next-frame prediction
   that rollouts ask for (clean context, noisy new frame) gets little training signal; see the
-  README (World model: what was measured and tried) for what it changes.
+  docs/world_model.md for what it changes.
   """
   context_rng, tau_rng = jax.random.split(rng)
   is_context = jax.random.uniform(context_rng, tau.shape) < fraction
@@ -131,7 +133,8 @@ def shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask, *, k_m
     tau, step: [B, T] per-frame signal level and step size (``sample_tau_and_step``).
     frame_mask: [B, T] weight of each frame (0 for padding).
     k_max: d_min = 1 / k_max selects the x-space loss.
-    impl: "pallas" uses the fused kernel (interpreted on CPU), "xla" its jnp reference.
+    impl: "pallas" uses the fused kernel (interpreted on CPU), "xla" its jnp reference, "auto" the
+      kernel where it is written for the platform (``dispatch``).
     shortcut: False when every frame has d = d_min (plain diffusion forcing): the two bootstrap
       passes are skipped, the loss is the same.
   """
@@ -151,12 +154,10 @@ def shortcut_forcing_loss(predict, z_clean, noise, tau, step, frame_mask, *, k_m
   else:  # every frame is at d_min, so the loss reads neither half step: skip both passes
     pred_half1 = pred_half2 = jax.lax.stop_gradient(pred)
   args = (pred, z_clean, z_noisy, pred_half1, pred_half2, tau, step, frame_mask.astype(jnp.float32))
-  if impl == "pallas":
-    loss = kernel.shortcut_forcing_loss(*args, d_min=d_min, interpret=jax.default_backend() == "cpu")
-  elif impl == "xla":
-    loss = kernel.reference_shortcut_forcing_loss(*args, d_min=d_min)
+  if dispatch.resolve(impl, kernel.PLATFORMS) == "pallas":
+    loss = kernel.shortcut_forcing_loss(*args, d_min=d_min, interpret=dispatch.interpret())
   else:
-    raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
+    loss = kernel.reference_shortcut_forcing_loss(*args, d_min=d_min)
   return loss, pred
 
 
@@ -167,8 +168,8 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
   that led into each frame, see ``dynamics.actions_into_frames``), optional ``action_mask`` [B, T]
   bool (False: unlabelled) and ``frame_mask`` [B, T] (0: padding). ``single_image_fraction`` of
   the sequences (drawn from ``rng``) are trained without time context. K_max, shortcut or plain
-  diffusion forcing (``shortcut``) and the loss implementation come from ``model.config`` (the
-  loss kernel follows ``block.impl``).
+  diffusion forcing (``shortcut``) and the loss implementation (``loss_impl``) come from
+  ``model.config``.
   """
   c = model.config
   z_clean = batch["latents"].astype(jnp.float32)
@@ -199,7 +200,7 @@ def dynamics_loss(model, params, batch, rng, *, single_image_fraction: float = 0
     return model.apply({"params": params}, z_noisy, tau, step, batch["actions"], action_mask, single_image)
 
   frame_loss, pred = shortcut_forcing_loss(predict, z_clean, noise, tau, step, loss_weight,
-                                           k_max=c.k_max, impl=c.block.impl, shortcut=c.shortcut)
+                                           k_max=c.k_max, impl=c.loss_impl, shortcut=c.shortcut)
   masked_mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
   x_space = is_x_space(step, c.k_max) * frame_mask
   loss = jnp.sum(frame_loss) / jnp.maximum(jnp.sum(frame_mask), 1.0)

@@ -166,7 +166,9 @@ class Tokenizer(nn.Module):
 
   ``__call__(frames, rng)`` autoencodes with patch dropping drawn from ``rng`` (none if ``rng`` is
   None) and returns ``(reconstruction in [0, 1] space, latents, dropped patches [B, T, N])``.
-  The residual stream stays fp32; the blocks compute in ``config.block.dtype``.
+  The residual stream stays fp32; the blocks compute in ``config.block.dtype``. The encoder and
+  decoder are ``transformer.BlockStack`` s: parameters ``encoder_i`` and ``decoder_i``, or one
+  scan each with ``config.block.scan_layers``.
   """
   config: TokenizerConfig
 
@@ -181,8 +183,7 @@ class Tokenizer(nn.Module):
     self.mask_token = self.param("mask_token", small(("embed",)), (width,), jnp.float32)
     self.latent_tokens = self.param("latent_tokens", small((None, "embed")), (c.num_latents, width),
                                     jnp.float32)
-    self.encoder = [transformer.TransformerBlock(c.block, frame_size=frame_size)
-                    for _ in range(c.encoder_layers)]
+    self.encoder = transformer.BlockStack(c.block, c.encoder_layers, frame_sizes=(frame_size,))
     self.encoder_norm = layers.RMSNorm(dtype=jnp.float32)
     self.to_bottleneck = layers.Dense(c.latent_channels, ("embed", None), dtype=jnp.float32)
     # Decoder.
@@ -190,21 +191,19 @@ class Tokenizer(nn.Module):
     self.latent_pos = self.param("latent_pos", small((None, "embed")), (c.num_latents, width), jnp.float32)
     self.patch_queries = self.param("patch_queries", small((None, "embed")), (c.num_patches, width),
                                     jnp.float32)
-    self.decoder = [transformer.TransformerBlock(c.block, frame_size=frame_size)
-                    for _ in range(c.decoder_layers)]
+    self.decoder = transformer.BlockStack(c.block, c.decoder_layers, frame_sizes=(frame_size,))
     self.decoder_norm = layers.RMSNorm(dtype=jnp.float32)
     self.to_pixels = layers.Dense(c.patch_dim, ("embed", None), dtype=jnp.float32)
 
-  def _run(self, blocks, kind: str, patch_tokens, latent_tokens):
-    """Runs ``blocks`` over [B, T, N, D] patch and [B, T, L, D] latent tokens; returns both parts."""
+  def _run(self, stack, kind: str, patch_tokens, latent_tokens):
+    """Runs the block ``stack`` over [B, T, N, D] patch and [B, T, L, D] latent tokens; returns both parts."""
     c = self.config
     b, t, n, d = patch_tokens.shape
     x = jnp.concatenate([patch_tokens, latent_tokens], axis=2).reshape(b, t * c.tokens_per_frame, d)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     positions = token_positions(t, c.num_patches, c.num_latents)[None, :]
     mask = jnp.tile(modality_mask(kind, c.num_patches, c.num_latents), (t, t))
-    for block in blocks:
-      x = block(x, positions, mask)
+    x = stack(x, positions, mask)
     x = x.reshape(b, t, c.tokens_per_frame, d)
     return x[:, :, :n], x[:, :, n:]
 

@@ -82,9 +82,11 @@ def term_names(perceptual_weight: float) -> tuple[str, ...]:
   return ("mse", "perceptual") if perceptual_weight else ("mse",)
 
 
-def tokenizer_loss(model, perceptual_weight: float, params, rms_state, batch, rng):
+def tokenizer_loss(model, perceptual_weight: float, params, batch, rng, *, loss_state):
   """(loss, (metrics, rms_state)) of one batch {'frames': uint8 [B, T, H, W, C]}; see the module
-  docstring. ``rms_state``: ``init_rms_state(term_names(perceptual_weight))`` or its last update."""
+  docstring. ``loss_state``: the running RMS, ``init_rms_state(term_names(perceptual_weight))`` or
+  its last update."""
+  rms_state = loss_state
   frames = batch["frames"]
   target = frames.astype(jnp.float32) / 255.0
   recon, _, dropped = model.apply({"params": params}, frames, rng)

@@ -1,1 +1,0 @@
-"""Models shared by several papers."""

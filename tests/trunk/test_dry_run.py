@@ -1,0 +1,62 @@
+"""``--dry_run`` compiles every config's ``full`` variant ahead of time, on 8 fake CPU devices and
+for a v5e-256 TPU slice (libtpu's topology description), without data, parameters or training."""
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import REPO_ROOT, config_of, run_main
+from jaxai import dry_run, stages
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="compiling for a TPU slice needs libtpu (pip install -e '.[tpu]')")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_variant_compiles_on_eight_fake_devices(name, tmp_path):
+  config = config_of(name, "full")
+  records = list(dry_run.dry_run(config, str(tmp_path / "run")))
+  assert [r["stage"] for r in records] == stages.selected(config)
+  for record in records:
+    assert record["devices"] == 8 and record["platform"] == "cpu"
+    assert record["parameters"] > 1e7 and record["flops_per_step"] > 0 and record["memory_per_device_bytes"] > 0
+  assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_variant_compiles_for_a_v5e_256_slice_within_a_chips_memory(name, tmp_path):
+  records = list(dry_run.dry_run(config_of(name, "full"), str(tmp_path), topology="v5e:16x16"))
+  for record in records:
+    assert record["devices"] == 256 and record["device_kind"] == "TPU v5 lite"
+    assert record["fits"], record
+
+
+def test_flops_are_those_of_the_model():
+  """The tiny LM's step against 6 x parameters x tokens (forward and backward of the matmuls) plus
+  its attention: XLA's count is of the real program, so it lands near, not on, the formula."""
+  config = config_of("lm", "tiny")
+  (record,) = dry_run.dry_run(config, "/unused")
+  c, m = config.data, config.model
+  tokens = config.batch_size * c.seq_len
+  attention = 2 * 2 * config.batch_size * m.num_layers * m.num_heads * m.head_dim * c.seq_len ** 2 * 3
+  expected = 6 * record["parameters"] * tokens + attention
+  assert 0.7 * expected < record["flops_per_step"] < 1.6 * expected, (record["flops_per_step"], expected)
+  # XLA counts a scan's body once: a scanned, rematerialised stack must still report the model's FLOPs.
+  config.model.update(scan_layers=True, remat="dots")
+  (scanned,) = dry_run.dry_run(config, "/unused")
+  assert scanned["flops_per_step"] == pytest.approx(record["flops_per_step"], rel=1e-6)
+  assert scanned["compiled_flops_per_device"] < record["compiled_flops_per_device"]
+
+
+def test_the_command_prints_one_json_line_per_stage_and_writes_nothing(tmp_path):
+  result = run_main(["--config=configs/world_model.py:tiny", f"--workdir={tmp_path / 'run'}", "--dry_run"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r["stage"] for r in records] == ["tokenizer", "dynamics"]
+  assert not os.path.exists(tmp_path / "run")
+  wrong = run_main(["--config=configs/lm.py:tiny", f"--workdir={tmp_path}", "--topology=v5e:2x2"])
+  assert wrong.returncode == 2 and wrong.stderr.startswith("config error: topology: "), wrong.stderr
