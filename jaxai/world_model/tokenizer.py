@@ -29,7 +29,7 @@ projection. Every token still reads every other one it may see through the maske
 the change is that no latent has to learn, through attention alone, which patch is its own. Without
 it, the latents of a tokenizer trained 1000 steps on Craftax put 0-8% of their attention on their
 own patch (their strongest key was a latent, not a patch, in 73-88% of cases); with it, held-out
-PSNR at step 500 was 27.9 dB against 20.6-21.7 without (README).
+PSNR at step 500 was 27.9 dB against 20.6-21.7 without (docs/world_model.md).
 
 Masked autoencoding: during training each frame draws a drop probability ``q ~ U(0, max_mask_prob)``
 and drops each of its patches independently with probability ``q``; a dropped patch's embedding is
