@@ -9,10 +9,12 @@ by libtpu (``jax.experimental.topologies``), which compiles for TPU from any mac
 MaxText runs for its pod configs. One record per stage: parameter count, FLOPs per step, and the
 memory one device needs (arguments, outputs and temporaries, donated state counted once). The
 FLOPs are XLA's count of the whole step as lowered (before partitioning: the global program) with
-every block stack unrolled and nothing rematerialised (``scan_layers`` off, ``remat`` none): XLA
-counts a loop's body once, and the model's FLOPs leave remat's recomputation out.
-``compiled_flops_per_device`` is XLA's count of one device's compiled program as it is. On a TPU slice the record says whether that
-fits a chip's memory; ``DoesNotFit`` is raised when it does not.
+every block stack unrolled, nothing rematerialised and XLA attention (``scan_layers`` off,
+``remat`` none, ``*_impl`` xla): XLA counts a loop's body once, counts a Pallas kernel's custom
+call as zero, and the model's FLOPs leave remat's recomputation out.
+``compiled_flops_per_device`` is XLA's count of one device's compiled program as it is (Pallas
+kernels count zero). On a TPU slice the record says whether that fits a chip's memory;
+``DoesNotFit`` is raised when it does not.
 """
 import os
 
@@ -53,6 +55,14 @@ def _with_batch_shardings(batch, mesh, rules):
       x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, rules, len(x.shape))), batch)
 
 
+def _cpu_device():
+  """One CPU device, or None where ``JAX_PLATFORMS`` leaves the CPU out."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
 def _flops(cost) -> float:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
@@ -71,8 +81,9 @@ def _lower(stage: stages.Stage, mesh, rules):
     return state, state.jitted_step(mesh).lower(abstract_state, batch, state.abstract_frozen)
 
 
-def unrolled(config):
-  """A copy of ``config`` with every ``scan_layers`` field (any section) off and ``remat`` none."""
+def countable(config):
+  """A copy of ``config`` whose step XLA can count: every ``scan_layers`` field (any section) off,
+  ``remat`` none, and every ``*_impl`` xla (a Pallas kernel is a custom call XLA counts as zero)."""
   config = ml_collections.ConfigDict(config.to_dict())
   def walk(node):
     for key, value in node.items():
@@ -82,19 +93,28 @@ def unrolled(config):
         node[key] = False
       elif key == "remat":
         node[key] = "none"
+      elif key.endswith("_impl"):
+        node[key] = "xla"
   walk(config)
   return config
 
 
-def compile_stage(stage: stages.Stage, mesh, rules, unrolled_stage: stages.Stage | None = None) -> dict:
-  """Compiles ``stage``'s train step on ``mesh``; returns its record. ``unrolled_stage``: the same
-  stage with its block stacks unrolled, lowered to count FLOPs (default: ``stage`` itself)."""
+def compile_stage(stage: stages.Stage, mesh, rules, countable_stage: stages.Stage | None = None) -> dict:
+  """Compiles ``stage``'s train step on ``mesh``; returns its record. ``countable_stage``: the same
+  stage as ``countable`` makes it, lowered to count FLOPs (default: ``stage`` itself)."""
   config = stage.config
   state, lowered = _lower(stage, mesh, rules)
   with jax.set_mesh(mesh):
     compiled = lowered.compile()
-  flops = _flops(lowered.cost_analysis()) if unrolled_stage is None else \
-      _flops(_lower(unrolled_stage, mesh, rules)[1].cost_analysis())
+  # The global program's FLOPs do not depend on the mesh, and XLA counts a lowered program only
+  # on CPU (a TPU topology's lowering reports none): count on one CPU device otherwise.
+  counting_mesh, cpu = mesh, _cpu_device()
+  if mesh.devices.flat[0].platform != "cpu" and cpu is not None:
+    counting_mesh = sharding.make_mesh((1,) * len(mesh.axis_names), [cpu])
+  if countable_stage is None and counting_mesh is mesh:
+    flops = _flops(lowered.cost_analysis())
+  else:
+    flops = _flops(_lower(countable_stage or stage, counting_mesh, rules)[1].cost_analysis())
   memory = compiled.memory_analysis()
   per_device = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                 "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
@@ -125,7 +145,7 @@ def dry_run(config, workdir: str, topology: str | None = None):
     stage = module.build_stage(stage_config, workdir)
     mesh = sharding.make_mesh(config_lib.resolve_mesh_shape(stage_config.mesh, num_devices), devices)
     rules = tuple(tuple(r) for r in stage_config.sharding_rules)
-    flat = unrolled(stage_config)
+    flat = countable(stage_config)
     record = compile_stage(stage, mesh, rules,
                            None if flat == stage_config else module.build_stage(flat, workdir))
     record.update(topology=topology, host=host.summary())

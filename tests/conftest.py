@@ -1,12 +1,14 @@
 """Every test process sees 8 CPU devices, so sharded meshes (2x2x2, 1x2x4, ...) run on CPU.
 
-Shared helpers: ``run_main`` (the CLI in a fresh process) and ``config_of`` (a config file's
-variant with dotted overrides; also the ``load_config`` fixture). Session fixtures for what
+Shared helpers: ``run_main`` (the CLI in a fresh process), ``config_of`` (a config file's
+variant with dotted overrides; also the ``load_config`` fixture) and ``compile_for_tpu`` (a
+function compiled for TPU chips from this machine). Session fixtures for what
 several test files need and is slow to make (the tiny Craftax dataset, the tiny world model
 trained as written) are made once per test run, not once per xdist worker: the first worker to
 ask makes it in a directory all workers share, under a file lock, and the others read it.
 """
 import fcntl
+import math
 import os
 import pathlib
 import subprocess
@@ -94,3 +96,28 @@ def fixture_repo_root():
 # Interpret-mode Pallas kernels become large XLA loops whose compile time dominates the kernel
 # tests; optimisation level 0 compiles them several times faster and changes no arithmetic.
 INTERPRET_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+# Chips whose Mosaic rules the TPU kernels are compiled against (libtpu's topology descriptions).
+TPU_TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+
+
+def compile_for_tpu(fn, *args, topology, mesh_shape=(1,), axis_names=("chip",), in_specs=None):
+  """`fn` compiled for the first chips of TPU slice `topology` as a mesh, without chips (args:
+  ShapeDtypeStructs, laid out by `in_specs`, replicated by default), traced under that mesh as
+  model code is, so kernels with backend=None pick their TPU dialect. Returns the compiled HLO
+  text; skips without libtpu."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxai import config_lib, dry_run  # pylint: disable=g-import-not-at-top
+  try:
+    devices = dry_run.topology_devices(topology)
+  except config_lib.ConfigError as e:
+    pytest.skip(str(e))
+  chips = math.prod(mesh_shape)
+  mesh = jax.sharding.Mesh(np.array(devices[:chips]).reshape(mesh_shape), axis_names)
+  in_specs = in_specs or [jax.sharding.PartitionSpec()] * len(args)
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+          for a, spec in zip(args, in_specs)]
+  with jax.set_mesh(mesh):
+    return jax.jit(fn).lower(*args).compile().as_text()

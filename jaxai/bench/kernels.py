@@ -1,10 +1,12 @@
 """Times the Pallas kernels against their plain-jnp references and dense XLA attention.
 
   python -m jaxai.bench.kernels [--only=block_causal,sparse_attention,indexer,shortcut]
-      [--implementations=reference,dense_xla,pallas]
+      [--implementations=reference,dense_xla,pallas,pallas_key_major]
       [--batch=2 --seq_len=4096 --heads=16 --kv_heads=4 --head_dim=128 --frame_size=256 ...]
 
-Prints one JSON line per measurement: kernel, implementation (pallas | reference | dense_xla),
+On a GPU or TPU, ``pallas`` is the kernel's dialect for that backend; the shortcut-forcing loss
+has only a GPU kernel, and ``pallas_key_major`` (GPU only) is the sparse attention with its
+backward without atomics. Prints one JSON line per measurement: kernel, implementation,
 pass (fwd | fwd+bwd), shapes, dtype, backend, median milliseconds over --runs timed calls after
 --warmup untimed ones, and TFLOP/s counted on the attended (unmasked) work only, so a dense
 implementation that computes masked entries too shows a lower rate for the same job. The
@@ -30,7 +32,7 @@ from kernels_pallas import shortcut_forcing as sf
 from kernels_pallas import sparse_topk_attention as dsa
 
 KERNELS = ("block_causal", "sparse_attention", "indexer", "shortcut")
-IMPLEMENTATIONS = ("reference", "dense_xla", "pallas")
+IMPLEMENTATIONS = ("reference", "dense_xla", "pallas", "pallas_key_major")
 
 CPU_SHAPES = dict(batch=1, seq_len=256, heads=4, kv_heads=2, head_dim=64, frame_size=16,
                   window_frames=None, soft_cap=None, top_k=32, indexer_heads=4, indexer_dim=64,
@@ -126,6 +128,9 @@ def _sparse_attention_cases(s, xla_only):
   }
   if not xla_only:
     impls["pallas"] = lambda q, k, v: dsa.sparse_topk_attention(q, k, v, indices)
+    if jax.default_backend() == "gpu":  # the backward without atomics, against the atomic one
+      impls["pallas_key_major"] = lambda q, k, v: dsa.sparse_topk_attention(
+          q, k, v, indices, gpu_backward="key_major")
   flops = 4 * h * d * int(jnp.sum(indices >= 0))
   return [_Case("sparse_topk_attention", impls, (q, k, v), do, 3,
                 dict(q=q.shape, kv=k.shape, top_k=top_k), dtype, flops)]
@@ -163,7 +168,7 @@ def _shortcut_cases(s, xla_only):
   tau = jnp.floor(jax.random.uniform(keys[6], (b, t)) / d) * d
   frame_inputs = (tau, d, jnp.ones((b, t)))
   impls = {"reference": lambda *a: sf.reference_shortcut_forcing_loss(*a, d_min=1 / 64)}
-  if not xla_only:
+  if not xla_only and jax.default_backend() in sf.PLATFORMS:  # a GPU kernel only
     impls["pallas"] = lambda *a: sf.shortcut_forcing_loss(*a, d_min=1 / 64)
   return [_Case("shortcut_forcing_loss", impls, (*values, *frame_inputs), jnp.ones((b, t)), 1,
                 dict(pred=values[0].shape), dtype,

@@ -1,21 +1,16 @@
 """Which implementation runs an op: a Pallas kernel only on a backend it is written for, XLA elsewhere.
 
 Each kernel module of ``kernels_pallas`` says which platforms it is written for (``PLATFORMS``:
-today's kernels are GPU kernels, Triton-style with GPU atomics). ``impl="auto"`` picks the kernel
-only there. The platform is that of the mesh being traced for (``jax.set_mesh``), so a step
+the attention kernels have a GPU (Triton) and a TPU (Mosaic) dialect, the shortcut-forcing loss
+only a GPU one). ``impl="auto"`` picks the kernel only there, and the kernel picks its dialect
+from the same platform (``kernels_pallas.backend``). The platform is that of the mesh being traced for (``jax.set_mesh``), so a step
 compiled for a TPU slice from a CPU machine (``jaxai.dry_run``) dispatches as it would on the TPU;
 without a mesh, jax's default backend. On CPU an explicit ``impl="pallas"`` runs the kernel in
 interpret mode (tests); on any other platform the kernel is not written for, it is an error.
 """
-import jax
+from kernels_pallas.backend import target_platform
 
 IMPLS = ("auto", "xla", "pallas")
-
-
-def target_platform() -> str:
-  """``cpu``, ``gpu`` or ``tpu``: where the program being traced will run."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, kernel_platforms: tuple[str, ...]) -> str:

@@ -21,7 +21,8 @@ def test_benchmark_prints_one_json_line_per_measurement(capsys):
   for kernel in ("block_causal_attention", "sparse_topk_attention", "lightning_indexer",
                  "shortcut_forcing_loss"):
     assert (kernel, "reference", "fwd+bwd") in kernels
-    assert ((kernel, "pallas", "fwd") in kernels) != on_cpu
+    has_kernel = not on_cpu and (kernel != "shortcut_forcing_loss" or jax.default_backend() == "gpu")
+    assert ((kernel, "pallas", "fwd") in kernels) == has_kernel
   assert ("block_causal_attention", "dense_xla", "fwd") in kernels
   for record in records:
     assert record["backend"] == jax.default_backend() and record["median_ms"] > 0

@@ -1,5 +1,6 @@
-"""Block-causal flash attention kernel vs its plain-jnp reference, and the reference vs
-jax.nn.dot_product_attention with a dense mask."""
+"""Block-causal flash attention kernels (GPU and TPU dialects) vs their plain-jnp reference, the
+reference vs jax.nn.dot_product_attention with a dense mask, and the TPU dialect compiled for TPU
+chips from this machine (libtpu's topology descriptions)."""
 import functools
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import INTERPRET_COMPILER_OPTIONS
+from conftest import INTERPRET_COMPILER_OPTIONS, TPU_TOPOLOGIES, compile_for_tpu
 from kernels_pallas import block_causal_attention as bca
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -50,11 +51,11 @@ CASES = [
 ]
 
 
-def _check_against_reference(inputs, options, blocks, interpret):
+def _check_against_reference(inputs, options, blocks, interpret, backend=None):
   """Output and the gradients of all inputs match those of the reference."""
   q, k, v, do = inputs
   kernel = lambda q, k, v: bca.block_causal_attention(q, k, v, **options, block_sizes=blocks,
-                                                      interpret=interpret)
+                                                      interpret=interpret, backend=backend)
   reference = lambda q, k, v: bca.reference_block_causal_attention(q, k, v, **options)
 
   @functools.partial(jax.jit, compiler_options=INTERPRET_COMPILER_OPTIONS if interpret else None)
@@ -85,6 +86,66 @@ class TestBlockCausalAttention:
               else bca.BlockSizes(32, 16, 16, 32))
     _check_against_reference(_inputs(1, 40, 4, 2, 16, jnp.float32),
                              dict(frame_size=6, window_frames=2), blocks, interpret)
+
+
+# The TPU dialect in Pallas' TPU interpreter, where each case costs seconds (its grid steps run
+# one by one), so three cases cover what CASES does between them: batch 2, odd frame sizes and
+# sequences not a multiple of the block, blocks fully visible (run unmasked), partial and skipped,
+# GQA 3:1, 8:1 and 2:1, soft-cap, windows, bf16, and blocks of different sizes (the dk/dv
+# kernel's tables then differ from the forward's).
+TPU_CASES = [
+    ((2, 29, 3, 1, 5, None, None, jnp.float32), bca.BlockSizes(16, 16, 16, 16)),
+    ((1, 29, 8, 1, 3, 2, 5.0, jnp.float32), bca.BlockSizes(16, 16, 16, 16)),
+    ((1, 37, 2, 1, 5, 3, 20.0, jnp.bfloat16), bca.BlockSizes(16, 8, 8, 16)),
+]
+
+
+@pytest.mark.parametrize("case,blocks", TPU_CASES)
+def test_tpu_dialect_matches_reference(case, blocks):
+  batch, seq_len, heads, kv_heads, frame_size, window_frames, soft_cap, dtype = case
+  _check_against_reference(
+      _inputs(batch, seq_len, heads, kv_heads, 16, dtype),
+      dict(frame_size=frame_size, window_frames=window_frames, soft_cap=soft_cap), blocks,
+      interpret=True, backend="tpu")
+
+
+@pytest.mark.parametrize("topology", TPU_TOPOLOGIES)
+def test_tpu_dialect_compiles_for_tpu_chips(topology):
+  """Mosaic's layout rules are checked only when compiling: forward and backward, fp32 and bf16,
+  compile for each chip, with GQA, soft-cap, a window, partial blocks and a sequence not a
+  multiple of the block (one program, so one compile)."""
+  options = dict(frame_size=96, window_frames=2, soft_cap=20.0,
+                 block_sizes=bca.BlockSizes(128, 128, 128, 128))
+  loss = lambda q, k, v: bca.block_causal_attention(q, k, v, **options).astype(jnp.float32).sum()
+  grads = lambda *qkv: [jax.grad(loss, argnums=(0, 1, 2))(*qkv[i:i + 3]) for i in (0, 3)]
+  shapes = [jax.ShapeDtypeStruct((1, 300, heads, 128), dtype)
+            for dtype in (jnp.float32, jnp.bfloat16) for heads in (4, 2, 2)]
+  text = compile_for_tpu(grads, *shapes, topology=topology)
+  for name in ("block_causal_attention_fwd", "block_causal_attention_dq",
+               "block_causal_attention_dkv"):
+    assert text.count(f"%{name}") >= 2, name  # one per dtype
+
+
+def test_tpu_dialect_runs_per_chip_on_a_multi_chip_mesh():
+  """XLA cannot partition a Mosaic kernel: on a 2x2 mesh each chip runs the kernels on its batch
+  and kv-head shard, and inputs already laid out that way move no data between chips."""
+  layout = jax.sharding.PartitionSpec("data", None, "heads", None)
+  loss = lambda q, k, v: bca.block_causal_attention(q, k, v, frame_size=128).sum()
+  q = jax.ShapeDtypeStruct((2, 256, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16)
+  text = compile_for_tpu(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, topology="v5e:2x2",
+                         mesh_shape=(2, 2), axis_names=("data", "heads"), in_specs=[layout] * 3)
+  forward = [line for line in text.splitlines()
+             if "%block_causal_attention_fwd" in line and "custom-call(" in line]
+  assert forward and all("= (bf16[1,2,256,128]" in line for line in forward), forward
+  assert not any(op in text for op in ("all-gather", "all-to-all", "collective-permute"))
+
+
+def test_compiled_tpu_blocks_must_be_multiples_of_128():
+  q = jnp.zeros((1, 256, 2, 128))
+  with pytest.raises(ValueError, match="multiples of 128"):
+    bca.block_causal_attention(q, q, q, frame_size=8, backend="tpu",
+                               block_sizes=bca.BlockSizes(192, 128, 128, 128))
 
 
 @pytest.mark.parametrize("frame_size,window_frames,kv_heads", [

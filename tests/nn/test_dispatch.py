@@ -34,5 +34,7 @@ def test_a_step_traced_for_a_tpu_slice_dispatches_as_on_the_tpu():
 
   q = jax.ShapeDtypeStruct((4, 8, 2, 16), jnp.bfloat16)
   with jax.set_mesh(mesh):
-    jax.jit(f).lower(q).compile()  # the GPU kernel would not lower for TPU: XLA was picked
+    # The block-causal kernel has a TPU dialect: auto picks it, and it compiles for the chips.
+    hlo = jax.jit(f).lower(q).compile().as_text()
   assert seen == {"auto": "xla", "tpu": "pallas"}
+  assert "tpu_custom_call" in hlo
