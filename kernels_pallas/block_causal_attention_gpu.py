@@ -15,6 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+import kernels_pallas.frame_mask as frame_mask
 from kernels_pallas.frame_mask import MASK_VALUE
 
 # Triton's tl.dot needs every matmul dimension >= 16; the interpreter takes any size.
@@ -200,18 +201,4 @@ def _backward(q, k, v, out, lse, do, mask, soft_cap, blocks, interpret):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def attention(q, k, v, mask, soft_cap, blocks, interpret):
-  return _forward(q, k, v, mask, soft_cap, blocks, interpret)[0]
-
-
-def _attention_fwd(q, k, v, mask, soft_cap, blocks, interpret):
-  out, lse = _forward(q, k, v, mask, soft_cap, blocks, interpret)
-  return out, (q, k, v, out, lse)
-
-
-def _attention_bwd(mask, soft_cap, blocks, interpret, residuals, do):
-  return _backward(*residuals, do, mask, soft_cap, blocks, interpret)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
+attention = frame_mask.flash_attention(_forward, _backward)

@@ -34,6 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.backend as backend_lib
+import kernels_pallas.frame_mask as frame_mask
 from kernels_pallas.frame_mask import MASK_VALUE
 
 # Token tiles are the sublane dim of q/k/v blocks and the lane dim of the row statistics, so a
@@ -286,21 +287,7 @@ def _backward(q, k, v, out, lse, do, mask, soft_cap, blocks, interpret):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, mask, soft_cap, blocks, interpret):
-  return _forward(q, k, v, mask, soft_cap, blocks, interpret)[0]
-
-
-def _attention_fwd(q, k, v, mask, soft_cap, blocks, interpret):
-  out, lse = _forward(q, k, v, mask, soft_cap, blocks, interpret)
-  return out, (q, k, v, out, lse)
-
-
-def _attention_bwd(mask, soft_cap, blocks, interpret, residuals, do):
-  return _backward(*residuals, do, mask, soft_cap, blocks, interpret)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = frame_mask.flash_attention(_forward, _backward)
 
 
 def _per_device(fn, q, k):

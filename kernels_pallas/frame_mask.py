@@ -8,7 +8,9 @@ loop bounds); the TPU kernels evaluate them for every tile at trace time (scalar
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -118,3 +120,22 @@ class FrameMask:
     end_any = _where(k_start < n, end_any, 0)
     end_all = _where(k_start + block_k <= n, end_all, 0)  # padded keys need the mask
     return block_ranges(first * f, end_any, last * f, end_all, block_q)
+
+
+def flash_attention(forward, backward):
+  """The differentiable attention(q, k, v, mask, soft_cap, blocks, interpret) of a dialect from
+  its kernels: forward(...) -> (out, lse); backward(q, k, v, out, lse, do, mask, soft_cap, blocks,
+  interpret) -> (dq, dk, dv)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+  def attention(q, k, v, mask, soft_cap, blocks, interpret):
+    return forward(q, k, v, mask, soft_cap, blocks, interpret)[0]
+
+  def attention_fwd(q, k, v, mask, soft_cap, blocks, interpret):
+    out, lse = forward(q, k, v, mask, soft_cap, blocks, interpret)
+    return out, (q, k, v, out, lse)
+
+  def attention_bwd(mask, soft_cap, blocks, interpret, residuals, do):
+    return backward(*residuals, do, mask, soft_cap, blocks, interpret)
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention
