@@ -3,9 +3,9 @@
 Each kernel module of ``kernels_pallas`` says which platforms it is written for (``PLATFORMS``:
 the attention kernels have a GPU (Triton) and a TPU (Mosaic) dialect, the shortcut-forcing loss
 only a GPU one). ``impl="auto"`` picks the kernel only there, and the kernel picks its dialect
-from the same platform (``kernels_pallas.backend``). The platform is that of the mesh being traced for (``jax.set_mesh``), so a step
-compiled for a TPU slice from a CPU machine (``jaxai.dry_run``) dispatches as it would on the TPU;
-without a mesh, jax's default backend. On CPU an explicit ``impl="pallas"`` runs the kernel in
+from the same platform (``kernels_pallas.backend``). The platform is that of the mesh being
+traced for (``jax.set_mesh``), so a step compiled for a TPU slice from a CPU machine
+(``jaxai.dry_run``) dispatches as it would on the TPU; without a mesh, jax's default backend. On CPU an explicit ``impl="pallas"`` runs the kernel in
 interpret mode (tests); on any other platform the kernel is not written for, it is an error.
 """
 from kernels_pallas.backend import target_platform
