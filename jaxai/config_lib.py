@@ -153,6 +153,7 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   c.eval_every = 0             # 0: evaluate only at the end
   c.restore_step = 0           # 0: resume from the latest checkpoint; N: from step N (later ones set aside)
   c.trainable = ""             # regex on parameter paths (a/b/kernel): train only those; "": all
+  c.ema_decay = 0.0            # >0: the state also keeps an exponential moving average of the params
   c.compute_dtype = "float32"  # parameters stay fp32; "bfloat16" runs the matmuls in bf16
   c.attention_impl = "auto"    # auto | xla | pallas ("auto": a Pallas kernel where one is written for the backend)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -175,7 +176,7 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
 # Trainer fields a stage may set for itself (None in its overlay: the top-level value).
 STAGE_FIELDS = ("seed", "batch_size", "grad_accum_steps", "total_steps", "max_steps_per_run",
                 "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "restore_step",
-                "trainable", "compute_dtype")
+                "trainable", "ema_decay", "compute_dtype")
 
 
 def stage_overlay(*, reads: Sequence[str] = (), init_from: str = "", in_all: bool = True,
@@ -234,6 +235,7 @@ def validate_trainer(config: ml_collections.ConfigDict, num_devices: int) -> tup
   check_positive(config, "batch_size", "total_steps", "checkpoint_every", "log_every",
                  "grad_accum_steps", "keep_checkpoints")
   check_at_least(config, 0, "eval_every", "max_steps_per_run", "restore_step")
+  check_range(config, "ema_decay", 0.0, 1.0, high_open=True)
   check_choice(config, "compute_dtype", ("float32", "bfloat16"))
   check_choice(config, "attention_impl", ("auto", "xla", "pallas"))
   try:

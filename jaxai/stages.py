@@ -59,8 +59,10 @@ class Stage:
     config: the stage's resolved config (``stage_config``).
     init_params: rng -> params boxed with logical axis names (``nn.with_logical_partitioning``).
     loss: ``(params, batch, rng, **inputs) -> (loss, metrics)``, pure and jittable. ``inputs``
-      holds ``frozen`` ({name: params}) when the stage has ``frozen``, and ``loss_state`` when it
-      has ``init_loss_state``; the loss then returns ``(loss, (metrics, new loss_state))``.
+      holds ``frozen`` ({name: params}) when the stage has ``frozen``, ``ema_params`` (the moving
+      average the state keeps at ``config.ema_decay`` > 0, never differentiated) when
+      ``loss_reads_ema``, and ``loss_state`` when it has ``init_loss_state``; the loss then
+      returns ``(loss, (metrics, new loss_state))``.
     make_data: (process_index, process_count) -> grain IterDataset of this process's batch rows;
       None for a stage whose batches ``make_batch`` makes alone.
     abstract_batch: () -> the global batch as ShapeDtypeStructs (for ``--dry_run``, which reads no
@@ -75,6 +77,8 @@ class Stage:
       without gradients (running statistics); kept replicated in the state and checkpointed.
     frozen: name -> ``Frozen``: earlier stages' parameters the loss, ``make_batch`` and
       ``evaluate`` receive as ``frozen[name]``.
+    loss_reads_ema: the loss receives ``ema_params`` (e.g. a teacher for bootstrap targets); needs
+      ``config.ema_decay`` > 0.
   """
   name: str
   config: ml_collections.ConfigDict
@@ -86,6 +90,7 @@ class Stage:
   evaluate: Callable[..., dict] | None = None
   init_loss_state: Callable[[], Any] | None = None
   frozen: dict[str, Frozen] = dataclasses.field(default_factory=dict)
+  loss_reads_ema: bool = False
 
 
 def task_module(config: ml_collections.ConfigDict):

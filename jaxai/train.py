@@ -2,7 +2,9 @@
 
 The step is a pure function ``(state, batch, frozen) -> (state, metrics)`` jitted once with
 explicit shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
-``'loss_state'`` for stages whose loss carries running statistics (``Stage.init_loss_state``);
+``'ema_params'`` at ``config.ema_decay`` > 0 (starting at the initial parameters, sharded like
+them, ``ema <- decay ema + (1 - decay) params`` after every update) and ``'loss_state'`` for
+stages whose loss carries running statistics (``Stage.init_loss_state``);
 its shardings come from the logical axis names the model gives its parameters and the config's
 rules table (the loss state is small and replicated). ``frozen`` holds earlier stages' parameters
 (``Stage.frozen``), sharded the same way and never updated or saved.
@@ -43,10 +45,12 @@ def _split_microbatches(batch, num: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _loss_inputs(stage: Stage, frozen, loss_state) -> dict:
+def _loss_inputs(stage: Stage, frozen, loss_state, ema_params) -> dict:
   inputs = {}
   if stage.frozen:
     inputs["frozen"] = frozen
+  if stage.loss_reads_ema:
+    inputs["ema_params"] = ema_params
   if stage.init_loss_state is not None:
     inputs["loss_state"] = loss_state
   return inputs
@@ -58,9 +62,11 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
   accum = config.grad_accum_steps
   stateful = stage.init_loss_state is not None
   pattern = re.compile(config.trainable) if config.trainable else None
+  config_lib.check(not stage.loss_reads_ema or config.ema_decay > 0, f"stages.{stage.name}.ema_decay",
+                   "the stage's loss reads the parameters' moving average: set ema_decay in (0, 1)")
 
-  def loss_fn(params, loss_state, frozen, batch, rng):  # one form: (loss, (metrics, loss_state))
-    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state))
+  def loss_fn(params, loss_state, frozen, batch, rng, ema_params=None):  # (loss, (metrics, loss_state))
+    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state, ema_params))
     return out if stateful else (out[0], (out[1], loss_state))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -71,21 +77,22 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
     batch_base_rng = jax.random.fold_in(base_rng, BATCH_KEY)
     rng = jax.random.fold_in(base_rng, step)
     params = state["params"]
+    ema_params = state.get("ema_params")
     loss_state = state.get("loss_state", {})
     if stage.make_batch is not None:
       batch = stage.make_batch(params, batch, jax.random.fold_in(batch_base_rng, step),
                                **({"frozen": frozen} if stage.frozen else {}))
     if accum == 1:
-      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng)
+      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng, ema_params)
     else:
       # Micro-batches run in sequence, so the loss state passes through each of them in turn.
       def micro_step(carry, xs):
         sums, loss_state = carry
         micro_batch, index = xs
         (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, micro_batch,
-                                                   jax.random.fold_in(rng, index))
+                                                   jax.random.fold_in(rng, index), ema_params)
         return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), loss_state), None
-      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng)
+      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng, ema_params)
       zeros = jax.tree.map(jnp.zeros_like, (loss, aux, grads))
       (sums, loss_state), _ = jax.lax.scan(
           micro_step, (zeros, loss_state), (_split_microbatches(batch, accum), jnp.arange(accum)))
@@ -93,6 +100,9 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
+    if ema_params is not None:
+      new_state["ema_params"] = optax.incremental_update(new_state["params"], ema_params,
+                                                         step_size=1.0 - config.ema_decay)
     if stateful:
       new_state["loss_state"] = loss_state
     if pattern is not None:  # the norm the optimiser clips: of the trained parameters only
@@ -178,6 +188,8 @@ class TrainState:
   def init_boxed(self):
     params = self.stage.init_params(self.init_rng())  # optax maps over the boxes: moments keep the names
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.stage.config.ema_decay > 0:
+      state["ema_params"] = params  # the same boxes: sharded like the parameters
     if self.stage.init_loss_state is not None:
       state["loss_state"] = self.stage.init_loss_state()
     return state

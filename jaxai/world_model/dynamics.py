@@ -85,7 +85,7 @@ class DynamicsConfig:
   time_every: int = 4
   layout: str = "factorised"  # factorised (space layers + a time layer every time_every) | full
   shortcut: bool = True  # False: trained at d = d_min only (plain diffusion forcing)
-  bootstrap_fraction: float | None = None  # frames with d > d_min; None: d uniform (the paper)
+  step_distribution: str = "paper"  # of d when shortcut (noise_levels.STEP_DISTRIBUTIONS)
   previous_frame: bool = False  # frame t also reads frame t - 1 directly (not in the paper)
   context_fraction: float = 0.0  # frames trained as rollout context (not in the paper)
   context_signal: float = 0.9  # their lowest signal level, on the grid as rollouts put their context

@@ -27,7 +27,7 @@ from jaxai.data import pipeline
 from jaxai.world_model import data
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import latents as latents_lib
-from jaxai.world_model import models, rollout_eval
+from jaxai.world_model import models, noise_levels, rollout_eval
 from jaxai.world_model import shortcut_forcing
 
 
@@ -51,8 +51,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check(d.window_len % d.short_window_len == 0, "dynamics.short_window_len",
                    f"{d.short_window_len} does not divide window_len={d.window_len}")
   config_lib.check_at_least(d, 0, "long_every", prefix="dynamics.")
-  config_lib.check(0 <= d.bootstrap_fraction <= 1 or d.bootstrap_fraction == -1, "dynamics.bootstrap_fraction",
-                   f"must be in [0, 1], or -1 for the paper's uniform step sizes, got {d.bootstrap_fraction}")
+  config_lib.check_choice(d, "step_distribution", noise_levels.STEP_DISTRIBUTIONS, prefix="dynamics.")
+  config_lib.check_choice(d, "bootstrap_teacher", ("online", "ema"), prefix="dynamics.")
+  config_lib.check(not (d.shortcut and d.bootstrap_teacher == "ema")
+                   or stages.stage_config(config, "dynamics").ema_decay > 0, "stages.dynamics.ema_decay",
+                   "bootstrap_teacher='ema' needs the moving average: set it in (0, 1), e.g. 0.999")
   for field in ("context_fraction", "next_frame_fraction"):
     config_lib.check_range(d, field, 0.0, 1.0, high_open=True, prefix="dynamics.")
   config_lib.check_range(d, "single_image_fraction", 0.0, 1.0, prefix="dynamics.")
@@ -149,13 +152,25 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
             "actions": jax.ShapeDtypeStruct(shape, jnp.int32),
             "is_first": jax.ShapeDtypeStruct(shape, jnp.bool_)}
 
-  def loss(params, batch, rng):
+  def loss(params, batch, rng, ema_params=None):
     return shortcut_forcing.dynamics_loss(model, params, model_inputs(batch), rng,
-                                          single_image_fraction=d.single_image_fraction)
+                                          single_image_fraction=d.single_image_fraction,
+                                          teacher_params=ema_params)
 
   return stages.Stage(name="dynamics", config=config, init_params=init_params, loss=loss,
                       make_data=make_data, abstract_batch=abstract_batch,
-                      evaluate=lambda params, step: evaluator()(params, step))
+                      evaluate=lambda params, step: evaluator()(params, step),
+                      loss_reads_ema=d.shortcut and d.bootstrap_teacher == "ema")
+
+
+def expected_shares(config: ml_collections.ConfigDict) -> dict:
+  """``noise_levels.expected_shares`` of the dynamics stage of ``config``: {(tau, d): share}."""
+  d = config.dynamics
+  return noise_levels.expected_shares(
+      k_max=d.k_max, distribution=d.step_distribution if d.shortcut else "d_min",
+      context_fraction=d.context_fraction, next_frame_fraction=d.next_frame_fraction,
+      context_signal=config.rollout.context_signal,
+      window_lens=noise_levels.window_shares(d.window_len, d.short_window_len, d.long_every))
 
 
 # --- loading a trained run ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the Frechet latent and change distances, action top-1) of the run's latest dynam
 computed as in training (its ``compute_dtype``, the model and tokenizer as trained); ``--seed``
 changes the rollout noise (default: the one training used at that step). Use it to evaluate on
 more windows than training affords, or with other noise. Image strips go to ``DIR/evaluate/``.
+Quality against the number of sampling steps on long generations: ``jaxai.world_model.nfe_curve``.
 """
 import contextlib
 import json

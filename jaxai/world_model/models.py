@@ -11,7 +11,9 @@ FRAME_SHAPE = (63, 63, 3)  # Craftax-Classic pixels: 9 x 9 tiles of 7 x 7 pixels
 
 # Fields added after runs were trained, with what those runs computed (``stages.as_trained``):
 # today's default would build an older checkpoint as another model.
-BEFORE_FIELDS = {"tokenizer": {"aligned_inputs": False}}
+BEFORE_FIELDS = {"tokenizer": {"aligned_inputs": False},
+                 # before 2026-12-02: bootstrap_fraction=0.25 (and redrawn next frames at d_min)
+                 "dynamics": {"step_distribution": "shortcut_models", "bootstrap_teacher": "online"}}
 
 
 def block_config(config: ml_collections.ConfigDict, section) -> transformer.BlockConfig:
@@ -33,7 +35,7 @@ def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
       block=block_config(config, d), num_layers=d.num_layers, num_latents=t.num_latents,
       latent_channels=t.latent_channels, spatial_tokens=d.spatial_tokens, num_registers=d.num_registers,
       k_max=d.k_max, time_every=d.time_every, layout=d.layout, shortcut=d.shortcut,
-      bootstrap_fraction=None if d.bootstrap_fraction < 0 else d.bootstrap_fraction,
+      step_distribution=d.step_distribution,
       previous_frame=d.previous_frame, context_fraction=d.context_fraction,
       context_signal=config.rollout.context_signal, next_frame_fraction=d.next_frame_fraction,
       loss_impl=d.shortcut_loss_impl))

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxai.world_model import dynamics as dynamics_lib
-from jaxai.world_model import shortcut_forcing
+from jaxai.world_model import noise_levels, shortcut_forcing
 
 
-# Shared with training's context frames (shortcut_forcing.with_context_frames).
-context_signal_level = shortcut_forcing.context_signal_level
+# Shared with training's context frames (noise_levels.with_context_frames).
+context_signal_level = noise_levels.context_signal_level
 
 
 def _check_num_steps(num_steps: int, k_max: int):
@@ -203,3 +203,38 @@ def rollout_uncached(model, params, context_latents, actions, rng, *, num_steps:
     frames.append(frame)
     context = jnp.concatenate([context, as_context], axis=1)
   return jnp.concatenate(frames, axis=1)
+
+
+def rollout_windowed(model, params, context_latents, actions, rng, *, window_frames: int,
+                     num_steps: int = 4, context_signal: float = 0.9, action_mask=None):
+  """``rollout`` past the trained context length: generated latents [B, T_generate, N, C].
+
+  The cache holds at most ``window_frames`` frames. Whenever a segment has filled it, the next
+  segment starts from a fresh cache prefilled with the last ``window_frames // 2`` frames (clean
+  latents, re-noised to the context level with a new draw; the first one unlabelled, as the first
+  frame of a training window is), exactly as interactive play slides (``realtime``). Each segment
+  is one ``rollout`` call with key ``fold_in(rng, segment)``; with a context of ``window_frames //
+  2`` frames every segment has the same shapes, so one compilation serves them all.
+  """
+  b, num_context = context_latents.shape[:2]
+  keep = window_frames // 2
+  if not 1 <= num_context <= window_frames - 1 or keep < 1:
+    raise ValueError(f"{num_context} context frames need window_frames={window_frames} > them (and >= 2)")
+  num_generate, action_mask = _frames_to_generate(context_latents, actions, action_mask)
+  latents = jnp.asarray(context_latents, jnp.float32)
+  actions, action_mask = jnp.asarray(actions), jnp.asarray(action_mask)
+  known, segment, generated = num_context, 0, []
+  context, context_actions, context_mask = latents, actions[:, :known], action_mask[:, :known]
+  while known < num_context + num_generate:
+    count = min(window_frames - context.shape[1], num_context + num_generate - known)
+    frames = rollout(model, params, context, jnp.concatenate([context_actions, actions[:, known:known + count]], 1),
+                     jax.random.fold_in(rng, segment), num_steps=num_steps, context_signal=context_signal,
+                     action_mask=jnp.concatenate([context_mask, action_mask[:, known:known + count]], 1))
+    generated.append(frames)
+    latents = jnp.concatenate([latents, frames], axis=1)
+    known += count
+    segment += 1
+    context = latents[:, -keep:]
+    context_actions = actions[:, known - keep:known]
+    context_mask = action_mask[:, known - keep:known].at[:, 0].set(False)
+  return jnp.concatenate(generated, axis=1)

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from jaxai import stages
-from jaxai.world_model import models, rollout, shortcut_forcing
+from jaxai.world_model import models, noise_levels, rollout, shortcut_forcing
 
 # Craftax-Classic action ids of the moves, and the (row, column) shift of the view's content each
 # causes: the player stays centred, so walking left moves the world one cell right.
@@ -77,7 +77,7 @@ def _evaluate(model, params, latents, actions, *, num_steps: int, context_signal
   c = model.config
   b = latents.shape[0]
   target, taken = latents[:, CONTEXT_FRAMES], actions[:, CONTEXT_FRAMES]
-  level = shortcut_forcing.context_signal_level(context_signal, c.k_max)
+  level = noise_levels.context_signal_level(context_signal, c.k_max)
   noise = jax.random.normal(rng, latents.shape)
   context = shortcut_forcing.corrupt(latents[:, :CONTEXT_FRAMES], noise[:, :CONTEXT_FRAMES],
                                      jnp.full((b, CONTEXT_FRAMES), level))

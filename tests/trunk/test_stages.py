@@ -1,6 +1,7 @@
 """Multi-stage runs as a trunk service, on toy stages built here: stage order and overlays, frozen
 parameters as a step input, trainable masks, parameters started from an earlier stage, batches made
 on-policy inside the step (REINFORCE on a bandit), and loading a stage as it was trained."""
+import dataclasses
 import os
 
 import jax
@@ -128,6 +129,36 @@ def test_a_stage_can_start_from_an_earlier_stages_parameters(tmp_path):
   run_stage(config, "second", tmp_path, **teacher_stage())
   _, second = checkpointing.restore_params(str(tmp_path / "second" / "checkpoints"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), second, first)
+
+
+def test_the_parameters_moving_average_follows_its_formula_and_reaches_the_loss(tmp_path):
+  config = toy_config(ema=dict(ema_decay=0.75))
+  target = jnp.asarray(np.arange(6, dtype=np.float32).reshape(3, 2) / 6)
+
+  def loss(p, batch, rng, *, ema_params):
+    fit = jnp.mean((X @ p["w"] - X @ target) ** 2) + jnp.mean((p["w"] - ema_params["w"]) ** 2)
+    return fit, {"ema_w00": ema_params["w"][0, 0]}
+
+  stage_config = stages.stage_config(config, "ema")
+  stage = stages.Stage(name="ema", config=stage_config, make_data=None, init_params=linear_init, loss=loss,
+                       loss_reads_ema=True)
+  mesh = sharding.make_mesh((jax.device_count(), 1, 1))
+  with jax.set_mesh(mesh):
+    train_state = train.TrainState(stage, mesh, config.sharding_rules)
+    state = train._initial_state(train_state, str(tmp_path))  # pylint: disable=protected-access
+    step_fn = train_state.jitted_step(mesh)
+    ema = jax.device_get(state["params"])  # the average starts at the initial parameters
+    np.testing.assert_array_equal(jax.device_get(state["ema_params"])["w"], ema["w"])
+    for _ in range(4):
+      state, metrics = step_fn(state, None, {})
+      assert float(metrics["ema_w00"]) == pytest.approx(float(ema["w"][0, 0]))  # the loss saw the average
+      new = jax.device_get(state["params"])
+      ema = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, ema, new)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                   jax.device_get(state["ema_params"]), ema)
+  with pytest.raises(config_lib.ConfigError, match="ema_decay"):
+    train.make_train_step(dataclasses.replace(stage, config=stages.stage_config(toy_config(ema=dict()), "ema")),
+                          train_state.tx, train_state.schedule)
 
 
 # --- on-policy: REINFORCE on a contextual bandit, batches sampled from the current policy ---------

@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 
 from jaxai.nn import attention, transformer
-from jaxai.world_model import dynamics, rollout, shortcut_forcing
+from jaxai.world_model import dynamics, noise_levels, rollout, shortcut_forcing
 
 K_MAX = 8
 BLOCK = transformer.BlockConfig(width=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64,
@@ -40,7 +40,7 @@ def frame_inputs(seed, b=B, t=T):
 def _frame_inputs(key, b, t):
   keys = jax.random.split(key, 4)
   latents = jax.random.normal(keys[0], (b, t, N, C))
-  tau, step = shortcut_forcing.sample_tau_and_step(keys[1], (b, t), K_MAX)
+  tau, step = noise_levels.sample_tau_and_step(keys[1], (b, t), K_MAX)
   actions = jax.random.randint(keys[2], (b, t), 0, CONFIG.num_actions)
   labelled = jax.random.uniform(keys[3], (b, t)) > 0.3
   return latents, tau, step, actions, labelled
@@ -262,6 +262,25 @@ def test_a_scanned_factorised_model_needs_whole_groups_of_layers():
   dataclasses.replace(CONFIG, num_layers=5, layout="full", block=dataclasses.replace(BLOCK, scan_layers=True))
 
 
+def test_a_windowed_rollout_slides_as_interactive_play_does(model_and_params):
+  model, params = model_and_params
+  latents, _, _, actions, labelled = frame_inputs(7, t=8)
+  rng = jax.random.key(3)
+  run = lambda window, t: rollout.rollout_windowed(model, params, latents[:, :2], actions[:, :t], rng,
+                                                   window_frames=window, num_steps=2, action_mask=labelled[:, :t])
+  # A window that holds everything is one plain rollout (with the first segment's key).
+  whole = rollout.rollout(model, params, latents[:, :2], actions[:, :6], jax.random.fold_in(rng, 0),
+                          num_steps=2, action_mask=labelled[:, :6])
+  np.testing.assert_allclose(run(8, 6), whole, rtol=1e-5, atol=1e-5)
+  # Window 4: frames 2-3 fill it; then a fresh cache from frames 2-3 (frame 2 unlabelled) makes 4-5.
+  slid = np.asarray(run(4, 6))
+  first = rollout.rollout(model, params, latents[:, :2], actions[:, :4], jax.random.fold_in(rng, 0),
+                          num_steps=2, action_mask=labelled[:, :4])
+  second = rollout.rollout(model, params, first, actions[:, 2:6], jax.random.fold_in(rng, 1), num_steps=2,
+                           action_mask=labelled[:, 2:6].at[:, 0].set(False))
+  np.testing.assert_allclose(slid, np.concatenate([first, second], axis=1), rtol=1e-5, atol=1e-5)
+
+
 def test_rollout_settings_are_checked(model_and_params):
   assert rollout.context_signal_level(0.9, 64) == 58 / 64  # nearest level on the 1/K_max grid
   assert rollout.context_signal_level(1.0, 8) == 7 / 8  # the cleanest level trained
@@ -279,74 +298,6 @@ def test_rollout_settings_are_checked(model_and_params):
 
 # --- shortcut forcing -----------------------------------------------------------------------------
 
-def test_sampler_draws_power_of_two_steps_and_signal_levels_on_their_grid():
-  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2))
-  tau, step = map(np.asarray, sample(jax.random.key(0), (64, 64), K_MAX))
-  steps_per_unit = np.round(1 / step).astype(int)
-  np.testing.assert_allclose(1 / steps_per_unit, step, rtol=1e-7)
-  assert set(np.unique(steps_per_unit)) == {1, 2, 4, 8}  # d in {1/K_max, ..., 1}
-  for k in (1, 2, 4, 8):  # each d about as often (1/4 of 4096, binomial sd ~28)
-    assert abs(np.mean(steps_per_unit == k) - 0.25) < 0.04
-  level = tau * steps_per_unit  # tau in {0, d, ..., 1 - d}
-  np.testing.assert_allclose(level, np.round(level), atol=1e-6)
-  assert level.min() == 0 and np.all(level <= steps_per_unit - 1)
-  assert np.all(tau[steps_per_unit == 1] == 0)
-  assert len(np.unique(tau[steps_per_unit == 8])) == 8  # the whole grid is reached
-
-
-def test_sampler_with_a_bootstrap_fraction_gives_the_rest_d_min():
-  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
-  tau, step = map(np.asarray, sample(jax.random.key(1), (64, 64), K_MAX, 0.25))
-  steps_per_unit = np.round(1 / step).astype(int)
-  assert abs(np.mean(steps_per_unit == K_MAX) - 0.75) < 0.03  # d_min: 3/4 of 4096 frames
-  for k in (1, 2, 4):  # the bootstrap quarter, uniform over the larger sizes
-    assert abs(np.mean(steps_per_unit == k) - 0.25 / 3) < 0.02
-  level = tau * steps_per_unit
-  np.testing.assert_allclose(level, np.round(level), atol=1e-6)
-  assert len(np.unique(tau[steps_per_unit == K_MAX])) == K_MAX
-
-
-def test_context_frames_are_a_fraction_at_rollout_signal_levels_and_d_min():
-  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
-  tau, step = sample(jax.random.key(2), (64, 64), K_MAX, 0.25)
-  mixed = jax.jit(functools.partial(shortcut_forcing.with_context_frames, fraction=0.5,
-                                    context_signal=0.7, k_max=K_MAX))
-  new_tau, new_step = map(np.asarray, mixed(jax.random.key(3), tau, step))
-  tau, step = np.asarray(tau), np.asarray(step)
-  redrawn = (new_tau != tau) | (new_step != step)
-  kept = ~redrawn
-  np.testing.assert_array_equal(new_tau[kept], tau[kept])
-  # A redrawn frame may land on its old (tau, d), which happens for ~1/8 of the d_min frames with
-  # tau >= 0.7: so about 0.5 - 0.5 * (3/4 * 2/8) * (1/2) of the frames differ (binomial sd ~0.008).
-  assert abs(np.mean(redrawn) - (0.5 - 0.5 * 0.75 * 0.25 * 0.5)) < 0.03
-  assert np.all(new_step[redrawn] == 1 / K_MAX)
-  # From the level nearest 0.7 (6/8, where rollouts put their context) up: 6/8 and 7/8, each about half the time.
-  assert set(np.unique(new_tau[redrawn] * K_MAX)) == {6, 7}
-  assert abs(np.mean(new_tau[redrawn] == 6 / K_MAX) - 0.5) < 0.05
-
-
-def test_next_frames_are_pure_noise_after_a_rollout_context_frame():
-  sample = fast_jit(shortcut_forcing.sample_tau_and_step, static_argnums=(1, 2, 3))
-  tau, step = sample(jax.random.key(4), (64, 64), K_MAX, 0.25)
-  redraw = jax.jit(functools.partial(shortcut_forcing.with_next_frames, fraction=0.3,
-                                     context_signal=0.7, k_max=K_MAX))
-  new_tau, new_step, is_next = map(np.asarray, redraw(jax.random.key(5), tau, step))
-  tau, step = np.asarray(tau), np.asarray(step)
-  is_context = np.pad(is_next[:, 1:], ((0, 0), (0, 1)))
-  # Drawn with probability 0.3 and kept unless the predecessor was drawn too: 0.3 x 0.7 of the
-  # frames after the first (binomial sd ~0.0064 over 4032 frames).
-  assert not is_next[:, 0].any()
-  assert abs(np.mean(is_next[:, 1:]) - 0.3 * 0.7) < 0.02
-  assert not (is_next & is_context).any()  # never two in a row
-  assert np.all(new_tau[is_next] == 0.0) and np.all(new_step[is_next] == 1 / K_MAX)
-  # Their predecessors sit where rollouts put their context: levels 6/8 and 7/8 at d_min.
-  assert set(np.unique(new_tau[is_context] * K_MAX)) == {6, 7}
-  assert np.all(new_step[is_context] == 1 / K_MAX)
-  others = ~is_next & ~is_context
-  np.testing.assert_array_equal(new_tau[others], tau[others])
-  np.testing.assert_array_equal(new_step[others], step[others])
-
-
 def toy_predictor(theta):
   """A small nonlinear f(z, tau, d) whose two half steps differ, so the bootstrap is not trivial."""
   def predict(z, tau, step):
@@ -354,21 +305,24 @@ def toy_predictor(theta):
   return predict
 
 
-def paper_frame_losses(f, z1, z0, tau, d, mask, d_min):
-  """The paper's objective frame by frame, half steps under stop-gradient, ramp weight included."""
+def paper_frame_losses(f, z1, z0, tau, d, mask, d_min, teacher=None):
+  """The paper's objective frame by frame, half steps (by ``teacher``, default f) under
+  stop-gradient, ramp weight included."""
   tau, d, mask = map(np.asarray, (tau, d, mask))  # concrete, to pick each frame's branch
+  teacher = f if teacher is None else teacher
   losses = []
   for i in np.ndindex(tau.shape):
     t, step, m = tau[i], d[i], mask[i]
     frame = lambda z, s, h: f(z[None, None], s[None, None], h[None, None])[0, 0]  # pylint: disable=cell-var-from-loop
+    half = lambda z, s, h: teacher(z[None, None], s[None, None], h[None, None])[0, 0]  # pylint: disable=cell-var-from-loop
     z_tau = (1 - t) * z0[i] + t * z1[i]
     z1_hat = frame(z_tau, t, step)
     if step == d_min:
       loss = jnp.mean((z1_hat - z1[i]) ** 2)
     else:
-      b1 = jax.lax.stop_gradient((frame(z_tau, t, step / 2) - z_tau) / (1 - t))
+      b1 = jax.lax.stop_gradient((half(z_tau, t, step / 2) - z_tau) / (1 - t))
       z_prime = z_tau + b1 * step / 2
-      b2 = jax.lax.stop_gradient((frame(z_prime, t + step / 2, step / 2) - z_prime) / (1 - (t + step / 2)))
+      b2 = jax.lax.stop_gradient((half(z_prime, t + step / 2, step / 2) - z_prime) / (1 - (t + step / 2)))
       loss = (1 - t) ** 2 * jnp.mean(((z1_hat - z_tau) / (1 - t) - (b1 + b2) / 2) ** 2)
     losses.append((0.9 * t + 0.1) * loss * m)
   return jnp.stack(losses).reshape(tau.shape)
@@ -383,7 +337,7 @@ def _loss_problem(key, all_d_min):
   keys = jax.random.split(key, 4)
   z1 = jnp.tanh(jax.random.normal(keys[0], (B, T, N, C)))
   z0 = jax.random.normal(keys[1], (B, T, N, C))
-  tau, step = shortcut_forcing.sample_tau_and_step(keys[2], (B, T), K_MAX)
+  tau, step = noise_levels.sample_tau_and_step(keys[2], (B, T), K_MAX)
   if all_d_min:
     step = jnp.full_like(step, 1 / K_MAX)
     tau = jnp.floor(tau * K_MAX) / K_MAX
@@ -409,6 +363,30 @@ def test_loss_and_its_gradient_match_the_paper_formula():
   (_, want), want_grad = fast_jit(jax.value_and_grad(paper, has_aux=True))(theta)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)  # half steps are stop-gradient
+
+
+def test_an_ema_teacher_takes_the_half_steps_and_gets_no_gradient():
+  z1, z0, tau, step, mask = loss_problem(0)
+  theta, teacher_theta = jnp.array([1.3, -0.7, 0.4]), jnp.array([0.9, 0.2, -0.3])
+
+  def ours(theta, teacher_theta):
+    losses, _ = shortcut_forcing.shortcut_forcing_loss(toy_predictor(theta), z1, z0, tau, step, mask,
+                                                       k_max=K_MAX, teacher=toy_predictor(teacher_theta))
+    return jnp.sum(losses), losses
+
+  def paper(theta):
+    losses = paper_frame_losses(toy_predictor(theta), z1, z0, tau, step, mask, 1 / K_MAX,
+                                teacher=toy_predictor(teacher_theta))
+    return jnp.sum(losses), losses
+
+  (_, got), (grad, teacher_grad) = fast_jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(
+      theta, teacher_theta)
+  (_, want), want_grad = fast_jit(jax.value_and_grad(paper, has_aux=True))(theta)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+  np.testing.assert_array_equal(teacher_grad, 0.0)
+  (_, online), _ = fast_jit(jax.value_and_grad(ours, has_aux=True))(theta, theta)
+  assert not np.allclose(online, got)  # the teacher's parameters matter
 
 
 def test_at_d_min_the_target_is_the_clean_latents():
@@ -470,11 +448,11 @@ def test_next_frames_weigh_one_in_the_loss_and_the_others_the_ramp():
   model = dynamics.Dynamics(dataclasses.replace(model.config, shortcut=False, next_frame_fraction=0.5))
   key = jax.random.key(3)
   loss, metrics = fast_jit(lambda p: shortcut_forcing.dynamics_loss(model, p, batch, key))(params)
-  # The draws dynamics_loss makes from its key: (tau, noise, single images, context, next frames).
-  tau_key, noise_key, _, _, next_key = jax.random.split(key, 5)
-  tau, step = shortcut_forcing.sample_tau_at_d_min(tau_key, (B, T), K_MAX)
-  tau, step, is_next = shortcut_forcing.with_next_frames(next_key, tau, step, fraction=0.5,
-                                                         context_signal=0.9, k_max=K_MAX)
+  # The draws dynamics_loss makes from its key: (tau and d, noise, single images).
+  tau_key, noise_key, _ = jax.random.split(key, 3)
+  tau, step, is_next = noise_levels.training_frames(
+      tau_key, (B, T), k_max=K_MAX, distribution="d_min", context_fraction=0.0, next_frame_fraction=0.5,
+      context_signal=0.9)
   assert is_next.any() and not is_next.all()
   z1 = batch["latents"]
   z_tau = shortcut_forcing.corrupt(z1, jax.random.normal(noise_key, z1.shape), tau)

@@ -194,3 +194,28 @@ def test_rollout_gif_and_evaluate_commands(tmp_path, tiny_world_model):
   other = json.loads(reseeded.stdout.strip().splitlines()[-1])
   assert other["seed"] == 7 and other["eval/rollout_psnr"] != record["eval/rollout_psnr"]
   assert other["eval/rollout_psnr_repeat_last"] == record["eval/rollout_psnr_repeat_last"]
+
+
+def test_nfe_curve_command_slides_past_the_trained_window(tmp_path, tiny_world_model):
+  _, workdir = tiny_world_model  # window_len 8: 3 context + 10 imagined frames need a slide
+  png = tmp_path / "nfe.png"
+  result = _command("nfe_curve", f"--workdir={workdir}", "--names=tiny", "--windows=2", "--context=3",
+                    "--horizon=10", "--num_steps=1,8", "--seeds=0,1", f"--plot={png}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  baselines = [line for line in lines if "baseline" in line]
+  records = [line for line in lines if "seed" in line]
+  summaries = {line["num_steps"]: line for line in lines if line.get("summary")}
+  assert {b["baseline"] for b in baselines} == {"repeat_last", "tokenizer"}
+  assert len(records) == 4 and set(summaries) == {1, 8}
+  for record in records:
+    for key in ("frechet_latent_distance", "frechet_change_distance_late", "psnr_h1", "psnr_h4", "tiles_h4"):
+      assert np.isfinite(record[key]), key
+    assert 0.0 <= record["tiles_h1"] <= 1.0
+  assert summaries[8]["frechet_latent_distance_over_k8"] == pytest.approx(1.0)
+  by_seed = {r["seed"]: r for r in records if r["num_steps"] == 1}
+  assert by_seed[0]["psnr"] != by_seed[1]["psnr"]  # the seed is the rollout noise
+  assert summaries[1]["psnr_mean"] == pytest.approx((by_seed[0]["psnr"] + by_seed[1]["psnr"]) / 2)
+  assert png.stat().st_size > 0
+  too_long = _command("nfe_curve", f"--workdir={workdir}", "--context=8", "--horizon=2")
+  assert too_long.returncode == 2 and too_long.stderr.startswith("config error: context: "), too_long.stderr
