@@ -45,6 +45,10 @@ Figures to expect (default variant, 2 CPU cores):
     eval/rollout_psnr 19.26 dB (repeating the last frame: 18.75), eval/action_top1 0.80
     (chance 0.37).
   interactive play (bench_fps interactive_fps): 44.1 FPS on the AVX2 host.
+  These dynamics figures predate 2026-12-02, when redrawn next frames began to keep a step size
+  from the distribution; the default has not been re-measured since. step_distribution=paper was
+  measured at 200 steps (AVX2 host, 16 windows x 64 imagined frames, nfe_curve): FLD 340 at K = 4
+  against 207 for the no-shortcut ablation, PSNR 10.6 vs 13.7 dB (docs/world_model.md).
 Details, earlier figures and what was tried: docs/world_model.md.
 """
 from jaxai import config_lib
@@ -112,16 +116,18 @@ def get_config(arg=None):
       time_every=4,             # a time-attention layer every 4th layer, space-only otherwise
       layout="factorised",      # factorised | full (block-causal over all tokens in every layer)
       shortcut=True,            # False: plain diffusion forcing at d_min (the paper's ablation)
-      # Step sizes d of the shortcut model (jaxai/world_model/noise_levels.py): "paper" (Dreamer 4,
-      # d = 1 / U{1, 2, 4, ..., 64}) or "shortcut_models" (Frans et al. 2024: 1/4 of the frames
-      # bootstrap, d uniform above d_min, the rest at d_min). Frames redrawn as rollout context
-      # below are at d_min (as a rollout's context is); frames redrawn as next frames keep a d drawn
-      # from this distribution. Shares of frames in the default config (expected_shares; each
-      # batch logs step_share/d1_<n>): d = 1, 1/2, ..., 1/32 7.1% each, d_min 57.1%; the sampler
-      # inputs (tau, d) at K = 4: (0, 1/4) 3.9%, (1/4, 1/4), (1/2, 1/4), (3/4, 1/4) 1.1% each, the
-      # context (29/32, 1/64) 8.4%. All switches off ("the paper's objective"): 1/7 per size.
-      # shortcut_models instead: d_min 87.5%, (0, 1/4) 1.1%, the other K = 4 inputs 0.3% each.
-      step_distribution="paper",
+      # Step sizes d of the shortcut model (jaxai/world_model/noise_levels.py): "shortcut_models"
+      # (Frans et al. 2024: 1/4 of the frames bootstrap, d uniform above d_min, the rest at d_min)
+      # or "paper" (Dreamer 4, d = 1 / U{1, 2, 4, ..., 64}). Frames redrawn as rollout context
+      # below are at d_min (as a rollout's context is); frames redrawn as next frames keep a d
+      # drawn from this distribution. Shares of frames in this config (expected_shares; each batch
+      # logs step_share/d1_<n>): d = 1, 1/2, ..., 1/32 2.1% each, d_min 87.5%; the K = 4 sampler's
+      # inputs (0, 1/4) 1.1%, (1/4, 1/4), (1/2, 1/4), (3/4, 1/4) 0.3% each, the context
+      # (29/32, 1/64) 8.7%. "paper" instead: 7.1% per size above d_min, (0, 1/4) 3.9%, the other
+      # K = 4 inputs 1.1% each; all switches off, 1/7 per size. "paper" learnt far slower here twice
+      # (13.0 vs 17.2 dB at step 400 on 2026-11-27; FLD 340 vs 207 for the no-shortcut ablation
+      # at step 200 on 2026-12-02, docs/world_model.md), so the default keeps 1/4 bootstrap frames.
+      step_distribution="shortcut_models",
       # The bootstrap's half steps: "online" (the parameters being trained, as Dreamer 4 writes
       # nothing else) or "ema" (their moving average at stages.dynamics.ema_decay, as in Frans et al.).
       bootstrap_teacher="online",
