@@ -126,10 +126,12 @@ def get_config(arg=None):
       # (29/32, 1/64) 8.7%. "paper" instead: 7.1% per size above d_min, (0, 1/4) 3.9%, the other
       # K = 4 inputs 1.1% each; all switches off, 1/7 per size. "paper" learnt far slower here twice
       # (13.0 vs 17.2 dB at step 400 on 2026-11-27; FLD 340 vs 207 for the no-shortcut ablation
-      # at step 200 on 2026-12-02, docs/world_model.md), so the default keeps 1/4 bootstrap frames.
+      # at step 200 on 2026-12-02, docs/world_model.md), so the default keeps 1/4 bootstrap frames
+      # (FLD 192 +- 5.6 at step 200, against 207 +- 1.2 for the ablation).
       step_distribution="shortcut_models",
       # The bootstrap's half steps: "online" (the parameters being trained, as Dreamer 4 writes
       # nothing else) or "ema" (their moving average at stages.dynamics.ema_decay, as in Frans et al.).
+      # "ema" at decay 0.99 diverged by step 200 (FLD 4850, docs/world_model.md).
       bootstrap_teacher="online",
       # Three switches, not in the paper, on by default: without them the model here barely
       # learnt the action (held-out top-1 0.40 against 0.80 with them over 128 windows, chance 0.37) and trailed
