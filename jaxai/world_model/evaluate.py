@@ -10,14 +10,12 @@ changes the rollout noise (default: the one training used at that step). Use it 
 more windows than training affords, or with other noise. Image strips go to ``DIR/evaluate/``.
 Quality against the number of sampling steps on long generations: ``jaxai.world_model.nfe_curve``.
 """
-import contextlib
 import json
 import os
-import sys
 
 from absl import flags
 
-from jaxai import cli, config_lib
+from jaxai import cli
 
 
 def define_flags():
@@ -42,17 +40,9 @@ def main(argv):
   args, config = cli.start("configs/world_model.py[:variant]", workdir="a trained world model")
   if config.rollout.eval_windows < 1:
     cli.fail("config error", f"rollout.eval_windows: must be positive, got {config.rollout.eval_windows}")
-  from jaxai import checkpointing  # pylint: disable=g-import-not-at-top
-  from jaxai.craftax import dataset as craftax_dataset  # pylint: disable=g-import-not-at-top
-  try:
-    with contextlib.redirect_stdout(sys.stderr):  # craftax prints while it loads its textures
-      record = evaluate_run(config, args.workdir, seed=args.seed)
-  except config_lib.ConfigError as e:
-    cli.fail("config error", str(e))
-  except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
-    cli.fail("checkpoint error", f"{e} (train the world model first)")
-  except craftax_dataset.DatasetError as e:
-    cli.fail("config error", f"data.dir: {e}")
+  from jaxai.world_model import app_errors  # pylint: disable=g-import-not-at-top
+  with app_errors.one_line_errors():
+    record = evaluate_run(config, args.workdir, seed=args.seed)
   print(json.dumps(record), flush=True)
 
 

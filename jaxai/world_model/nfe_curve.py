@@ -27,7 +27,6 @@ run's at the largest K (each model's own reference). ``--plot`` draws the Freche
 the tile agreement at the last horizon against K, one line per run; ``--gif`` writes the first
 run's first windows at K = ``rollout.num_steps`` next to the real game.
 """
-import contextlib
 import json
 import sys
 
@@ -131,9 +130,10 @@ def evaluate_run(config, workdir: str, name: str, *, windows: int, context: int,
   last_context = w["latents"][:, context - 1]
   base = {"run": name, "workdir": workdir, "step": run.step, "windows": windows, "context": context,
           "horizon": horizon, "host": host.summary()}
+  repeated = lambda x: np.repeat(x, horizon, axis=1)
   emit({**base, "baseline": "repeat_last",
-        **frame_scores(decode(np.repeat(last_context[:, None], horizon, axis=1)), real),
-        **latent_scores(np.repeat(last_context[:, None], horizon, axis=1), future_latents, last_context)})
+        **frame_scores(repeated(decode(last_context[:, None])), real),
+        **latent_scores(repeated(last_context[:, None]), future_latents, last_context)})
   emit({**base, "baseline": "tokenizer", **frame_scores(decode(future_latents), real)})
   results, first = {}, None
   for seed in seeds:
@@ -201,27 +201,19 @@ def main(argv):
   names = args.names or args.workdir
   if len(names) != len(args.workdir):
     cli.fail("config error", f"--names: {len(names)} names for {len(args.workdir)} workdirs")
-  from jaxai import checkpointing  # pylint: disable=g-import-not-at-top
-  from jaxai.craftax import dataset as craftax_dataset  # pylint: disable=g-import-not-at-top
-  stdout = sys.stdout
+  from jaxai.world_model import app_errors  # pylint: disable=g-import-not-at-top
+  stdout = sys.stdout  # the JSON lines' stream: one_line_errors sends other prints to stderr
   emit = lambda record: print(json.dumps(record), file=stdout, flush=True)
   runs, gif = {}, None
-  try:
-    with contextlib.redirect_stdout(sys.stderr):  # craftax prints while it loads its textures
-      for workdir, name in zip(args.workdir, names):
-        out = evaluate_run(config, workdir, name, windows=args.windows, context=args.context,
-                           horizon=args.horizon, num_steps=[int(k) for k in args.num_steps],
-                           seeds=[int(s) for s in args.seeds], emit=emit)
-        runs[name] = summaries(name, out["results"])
-        for line in runs[name]:
-          emit(line)
-        gif = gif or out["gif"]
-  except config_lib.ConfigError as e:
-    cli.fail("config error", str(e))
-  except (FileNotFoundError, checkpointing.CheckpointCorrupt) as e:
-    cli.fail("checkpoint error", f"{e} (train the world model first)")
-  except craftax_dataset.DatasetError as e:
-    cli.fail("config error", f"data.dir: {e}")
+  with app_errors.one_line_errors():
+    for workdir, name in zip(args.workdir, names):
+      out = evaluate_run(config, workdir, name, windows=args.windows, context=args.context,
+                         horizon=args.horizon, num_steps=[int(k) for k in args.num_steps],
+                         seeds=[int(s) for s in args.seeds], emit=emit)
+      runs[name] = summaries(name, out["results"])
+      for line in runs[name]:
+        emit(line)
+      gif = gif or out["gif"]
   if args.plot:
     plot(args.plot, runs, args.horizon)
     print(f"wrote {args.plot}", file=sys.stderr)
