@@ -32,6 +32,9 @@ Commands (DIR: a run's workdir):
   python -m jaxai.world_model.rollout_gif --config=configs/world_model.py --workdir=DIR   # DIR/rollout.gif
   python -m jaxai.world_model.play --config=configs/world_model.py --workdir=DIR --port=8000
   python -m jaxai.world_model.bench_fps --config=configs/world_model.py [--workdir=DIR]
+  python -m jaxai.world_model.profile_frame --config=configs/world_model.py   # matmul vs per-op time
+  python -m jaxai.world_model.bench_vs_dreamer4 --config=configs/world_model.py \
+      --torch_python=TORCHENV/bin/python    # against the PyTorch dreamer4 package, equal size
   python -m jaxai.main --config=configs/world_model.py --config.stage=synthetic_actions --workdir=DIR \
       --config.stages.synthetic_actions.total_steps=2000
   python -m jaxai.main --config=configs/world_model.py:full --workdir=DIR --dry_run --topology=v5e:16x16
@@ -44,7 +47,8 @@ Figures to expect (default variant, 2 CPU cores):
     --config.stages.dynamics.eval_every=600, then the evaluate command on 128 held-out windows):
     eval/rollout_psnr 19.26 dB (repeating the last frame: 18.75), eval/action_top1 0.80
     (chance 0.37).
-  interactive play (bench_fps interactive_fps): 44.1 FPS on the AVX2 host.
+  interactive play (bench_fps interactive_fps): 44.1 FPS on the AVX2 host, 88.78 on an AMX host
+    (2026-12-02); bench_vs_dreamer4 on the AMX host: 24.66 vs 3.496 FPS, ratio 7.054.
   These dynamics figures predate 2026-12-02, when redrawn next frames began to keep a step size
   from the distribution; the default has not been re-measured since. step_distribution=paper was
   measured at 200 steps (AVX2 host, 16 windows x 64 imagined frames, nfe_curve): FLD 340 at K = 4

@@ -19,6 +19,8 @@ THIRD_PARTY = {
     "ml_collections": "ml-collections", "numpy": "numpy", "optax": "optax", "orbax": "orbax-checkpoint", "PIL": "pillow", "portpicker": "portpicker",
     "pytest": "pytest", "rlax": "rlax", "scipy": "scipy", "tensorboardX": "tensorboardX",
     "tensorflow_datasets": "tensorflow-datasets", "tqdm": "tqdm",
+    # only bench_dreamer4_torch.py, run in its own virtualenv
+    "torch": "torch", "dreamer4": "dreamer4",
 }
 
 
