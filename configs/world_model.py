@@ -49,7 +49,10 @@ Figures to expect (default variant, 2 CPU cores):
     (chance 0.37).
   interactive play (bench_fps interactive_fps): 44.1 FPS on the AVX2 host, 88.78 on an AMX host
     (2026-12-02); bench_vs_dreamer4 on the AMX host: 24.66 vs 3.496 FPS, ratio 7.054.
-  These dynamics figures predate 2026-12-02, when redrawn next frames began to keep a step size
+  Today's default at 1200 steps (2026-12-03, AMX host, 49.5 min; the evaluate command above):
+    eval/rollout_psnr 19.07 dB (copy 18.74), eval/action_top1 0.727; nfe_curve FLD 91.1 at K = 4
+    against 91.5 for the no-shortcut ablation (docs/world_model.md).
+  The 2026-11-30 dynamics figures above predate 2026-12-02, when redrawn next frames began to keep a step size
   from the distribution; the default has not been re-measured since. step_distribution=paper was
   measured at 200 steps (AVX2 host, 16 windows x 64 imagined frames, nfe_curve): FLD 340 at K = 4
   against 207 for the no-shortcut ablation, PSNR 10.6 vs 13.7 dB (docs/world_model.md).
