@@ -154,6 +154,8 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   c.restore_step = 0           # 0: resume from the latest checkpoint; N: from step N (later ones set aside)
   c.trainable = ""             # regex on parameter paths (a/b/kernel): train only those; "": all
   c.ema_decay = 0.0            # >0: the state also keeps an exponential moving average of the params
+  c.ema_warmup = False         # decay at update t: min(ema_decay, (1 + t) / (10 + t)), so that the
+                               # average leaves the random initial params early (tf.train.ExponentialMovingAverage's num_updates)
   c.compute_dtype = "float32"  # parameters stay fp32; "bfloat16" runs the matmuls in bf16
   c.attention_impl = "auto"    # auto | xla | pallas ("auto": a Pallas kernel where one is written for the backend)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -176,7 +178,7 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
 # Trainer fields a stage may set for itself (None in its overlay: the top-level value).
 STAGE_FIELDS = ("seed", "batch_size", "grad_accum_steps", "total_steps", "max_steps_per_run",
                 "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "restore_step",
-                "trainable", "ema_decay", "compute_dtype")
+                "trainable", "ema_decay", "ema_warmup", "compute_dtype")
 
 
 def stage_overlay(*, reads: Sequence[str] = (), init_from: str = "", in_all: bool = True,

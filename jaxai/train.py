@@ -3,7 +3,8 @@
 The step is a pure function ``(state, batch, frozen) -> (state, metrics)`` jitted once with
 explicit shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
 ``'ema_params'`` at ``config.ema_decay`` > 0 (starting at the initial parameters, sharded like
-them, ``ema <- decay ema + (1 - decay) params`` after every update) and ``'loss_state'`` for
+them, ``ema <- decay ema + (1 - decay) params`` after every update; ``ema_warmup`` lowers the decay of
+the early updates, ``ema_decay_at``) and ``'loss_state'`` for
 stages whose loss carries running statistics (``Stage.init_loss_state``);
 its shardings come from the logical axis names the model gives its parameters and the config's
 rules table (the loss state is small and replicated). ``frozen`` holds earlier stages' parameters
@@ -43,6 +44,13 @@ def _split_microbatches(batch, num: int):
   # Micro-batch a takes rows a, a+num, a+2*num, ...: with the batch dimension sharded in
   # contiguous blocks, every device then holds an equal share of every micro-batch.
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def ema_decay_at(config, step):
+  """The moving average's decay for the update made at ``step`` (0-based)."""
+  if not config.ema_warmup:
+    return config.ema_decay
+  return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
 def _loss_inputs(stage: Stage, frozen, loss_state, ema_params) -> dict:
@@ -102,7 +110,7 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
                  "opt_state": opt_state}
     if ema_params is not None:
       new_state["ema_params"] = optax.incremental_update(new_state["params"], ema_params,
-                                                         step_size=1.0 - config.ema_decay)
+                                                         step_size=1.0 - ema_decay_at(config, step))
     if stateful:
       new_state["loss_state"] = loss_state
     if pattern is not None:  # the norm the optimiser clips: of the trained parameters only

@@ -20,7 +20,7 @@ from jaxai.nn import layers, transformer
 
 BYTE_VOCAB = 256  # byte-level: every byte is a token
 
-KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+KV_AXES = ("batch", "kv_heads", "length", "head_dim")  # attention.init_kv_cache's layout
 
 
 def _constrain_cache(cache: dict) -> dict:

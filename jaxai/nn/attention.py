@@ -36,22 +36,30 @@ def frame_mask(q_len: int, kv_len: int, *, frame_size: int | None, window_frames
   return visible
 
 
-def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None, q_offset=0):
-  """Plain-XLA attention. q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA); a dense
-  ``mask`` broadcasts against the logits [B, K, H/K, T, S]."""
+def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None, q_offset=0,
+                  kv_head_major=False):
+  """Plain-XLA attention. q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA), or
+  [B, K, S, D] with ``kv_head_major`` (the KV cache's layout); a dense ``mask`` broadcasts against
+  the logits [B, K, H/K, T, S]."""
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if kv_head_major else 2]
   if h % kv_heads:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv_heads})")
   g = h // kv_heads
-  s = k.shape[1]
+  s = k.shape[2 if kv_head_major else 1]
   # Head-major, the query group folded into the rows and the keys transposed: both products are
   # plain [M, K] x [K, N] matmuls batched over (B, K), the layout XLA:CPU runs fastest in bf16 in
   # both passes (layers.einsum; some other layouts of a bf16 product with fp32 output are not
   # implemented there at all). Tokenizer train step 410 -> 382 ms against the [B, T, K, G, D] form.
   q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-  k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-  logits = layers.einsum("bkqd,bkds->bkqs", q, k, q.dtype) * d ** -0.5
+  if kv_head_major:
+    # A cache is read whole by every pass: contracting the keys as stored copies nothing, where
+    # transposing them copied the cache of every time layer once per pass (the largest copies of
+    # a rollout frame in profile_frame).
+    logits = layers.einsum("bkqd,bksd->bkqs", q, k, q.dtype) * d ** -0.5
+  else:
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    logits = layers.einsum("bkqd,bkds->bkqs", q, k, q.dtype) * d ** -0.5
   logits = layers.soft_cap(logits, soft_cap).reshape(b, kv_heads, g, t, s)
   visible = frame_mask(t, s, frame_size=frame_size, window_frames=window_frames, q_offset=q_offset)
   if mask is not None:
@@ -63,29 +71,31 @@ def xla_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None
 
 
 def dot_product_attention(q, k, v, *, frame_size=None, window_frames=None, soft_cap=None, mask=None,
-                          q_offset=0, impl: AttentionImpl = "xla"):
+                          q_offset=0, kv_head_major=False, impl: AttentionImpl = "xla"):
   """The XLA path or the Pallas block-causal kernel (``dispatch.resolve``: ``auto`` picks the
   kernel only on a platform it is written for); both compute the same function."""
+  on_xla = lambda: xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
+                                 soft_cap=soft_cap, mask=mask, q_offset=q_offset, kv_head_major=kv_head_major)
   if dispatch.resolve(impl, block_causal_kernel.PLATFORMS) == "xla":
-    return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
-                         soft_cap=soft_cap, mask=mask, q_offset=q_offset)
-  if mask is not None or not isinstance(q_offset, int) or q_offset or q.shape[1] != k.shape[1]:
+    return on_xla()
+  if (kv_head_major or mask is not None or not isinstance(q_offset, int) or q_offset
+      or q.shape[1] != k.shape[1]):
     # Dense extra masks and cached decoding stay on XLA: the kernel covers the training shapes.
-    return xla_attention(q, k, v, frame_size=frame_size, window_frames=window_frames,
-                         soft_cap=soft_cap, mask=mask, q_offset=q_offset)
+    return on_xla()
   return block_causal_kernel.block_causal_attention(
       q, k, v, frame_size=q.shape[1] if frame_size is None else frame_size,
       window_frames=window_frames, soft_cap=soft_cap, interpret=dispatch.interpret())
 
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
-  """Empty cache for ``Attention``: keys and values [batch, max_len, kv_heads, head_dim], index 0.
+  """Empty cache for ``Attention``: keys and values [batch, kv_heads, max_len, head_dim] (head-major,
+  the layout attention reads them in), index 0.
 
   Only causal (``frame_size`` not None) attention may use it, and with ``frame_size=F`` the writes
   must be whole frames (index and length multiples of F): otherwise a query would see unwritten
   keys of its own frame.
   """
-  zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+  zeros = jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
   return {"key": zeros, "value": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
@@ -128,11 +138,13 @@ class Attention(nn.Module):
       if self.frame_size is None:
         raise ValueError("a KV cache needs causal attention (frame_size not None)")
       q_offset = cache["index"]
-      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), q_offset, 1)
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+          buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), q_offset, 2)
       k, v = write(cache["key"], k), write(cache["value"], v)
       cache = {"key": k, "value": v, "index": q_offset + x.shape[1]}
     out = dot_product_attention(q, k, v, frame_size=self.frame_size, window_frames=self.window_frames,
-                                soft_cap=self.soft_cap, mask=mask, q_offset=q_offset, impl=self.impl)
+                                soft_cap=self.soft_cap, mask=mask, q_offset=q_offset,
+                                kv_head_major=cache is not None, impl=self.impl)
     out = layers.Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_axis=(-2, -1),
                        dtype=self.dtype, name="out")(out)
     return out if cache is None else (out, cache)

@@ -106,7 +106,7 @@ def cache_index(cache: list | dict) -> jax.Array:
 
 def cache_length(cache: list | dict) -> int:
   """The positions each layer's cache holds (``max_len``)."""
-  return cache["key"].shape[2] if isinstance(cache, dict) else cache[0]["key"].shape[1]
+  return cache["key"].shape[3] if isinstance(cache, dict) else cache[0]["key"].shape[2]
 
 
 def rewind_cache(cache: list | dict, length) -> list | dict:

@@ -173,8 +173,9 @@ def test_sharded_decoding_gives_the_one_device_tokens(lm, greedy):
     _, cache = jax.jit(lambda p: sampling.prefill(model, p, tokens, lengths, max_len=16))(placed)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
   np.testing.assert_allclose(out.logits, greedy.logits, atol=1e-5, rtol=0)
-  # The cache follows the logical rules: batch over data x fsdp, kv_heads over tensor.
-  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
+  # The cache follows the logical rules: batch over data x fsdp, kv_heads over tensor (its layout
+  # is [batch, kv_heads, length, head_dim]).
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), "tensor"))
   for name in ("key", "value"):
     assert cache["layers"][-1][name].sharding.is_equivalent_to(want, 4)
 

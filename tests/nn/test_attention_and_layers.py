@@ -64,11 +64,15 @@ def test_xla_attention_matches_jax_dot_product_attention(heads, kv_heads, frame_
   want = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
   got = attention.xla_attention(q, k, v, frame_size=frame_size)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  head_major = lambda x: x.transpose(0, 2, 1, 3)  # the KV cache's layout
+  got = attention.xla_attention(q, head_major(k), head_major(v), frame_size=frame_size, kv_head_major=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # The specs the models use: Dense over one and two axes (layers.Dense), and attention's two products.
 EINSUM_CASES = [("abc,cd->abd", (2, 5, 8), (8, 6)), ("abc,cdf->abdf", (2, 5, 8), (8, 3, 4)),
                 ("abcd,cde->abe", (2, 5, 3, 4), (3, 4, 8)), ("bkqd,bkds->bkqs", (2, 2, 6, 8), (2, 2, 8, 5)),
+                ("bkqd,bksd->bkqs", (2, 2, 6, 8), (2, 2, 5, 8)),
                 ("bkqs,bksd->bkqd", (2, 2, 6, 5), (2, 2, 5, 8))]
 
 

@@ -184,7 +184,7 @@ def test_scanned_cache_in_chunks_equals_the_loop_over_the_whole_sequence(referen
   x, positions = inputs()
   scanned = Stacked(dataclasses.replace(BLOCK, scan_layers=True), LAYERS, (FRAME,))
   cache = transformer.init_stack_cache(scanned.config, LAYERS, B, T)
-  assert cache["key"].shape == (LAYERS, B, T, 1, 8) and cache["index"].shape == (LAYERS,)
+  assert cache["key"].shape == (LAYERS, B, 1, T, 8) and cache["index"].shape == (LAYERS,)
 
   @fast_jit
   def chunked(cache):

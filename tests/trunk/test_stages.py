@@ -131,8 +131,11 @@ def test_a_stage_can_start_from_an_earlier_stages_parameters(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), second, first)
 
 
-def test_the_parameters_moving_average_follows_its_formula_and_reaches_the_loss(tmp_path):
-  config = toy_config(ema=dict(ema_decay=0.75))
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_parameters_moving_average_follows_its_formula_and_reaches_the_loss(tmp_path, warmup):
+  config = toy_config(ema=dict(ema_decay=0.75, ema_warmup=warmup))
+  # tf.train.ExponentialMovingAverage's num_updates rule: min(decay, (1 + t) / (10 + t)) at update t
+  decays = [min(0.75, (1 + t) / (10 + t)) if warmup else 0.75 for t in range(4)]
   target = jnp.asarray(np.arange(6, dtype=np.float32).reshape(3, 2) / 6)
 
   def loss(p, batch, rng, *, ema_params):
@@ -149,11 +152,11 @@ def test_the_parameters_moving_average_follows_its_formula_and_reaches_the_loss(
     step_fn = train_state.jitted_step(mesh)
     ema = jax.device_get(state["params"])  # the average starts at the initial parameters
     np.testing.assert_array_equal(jax.device_get(state["ema_params"])["w"], ema["w"])
-    for _ in range(4):
+    for decay in decays:
       state, metrics = step_fn(state, None, {})
       assert float(metrics["ema_w00"]) == pytest.approx(float(ema["w"][0, 0]))  # the loss saw the average
       new = jax.device_get(state["params"])
-      ema = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, ema, new)
+      ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, new)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                    jax.device_get(state["ema_params"]), ema)
   with pytest.raises(config_lib.ConfigError, match="ema_decay"):

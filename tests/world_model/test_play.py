@@ -80,7 +80,7 @@ def test_sliding_window_keeps_playing(models):
   world = realtime.ImaginedWorld(*models, num_steps=1, context_signal=0.9, max_context_frames=4)
   frames, actions = _context(1, 3, 3)
   world.start(frames, actions, seed=0)
-  capacity = world.state["cache"]["layers"][0]["key"].shape[1]
+  capacity = world.state["cache"]["layers"][0]["key"].shape[2]
   held = []
   for action in range(7):
     frame = world.step(action)
