@@ -39,7 +39,7 @@ def _constrain_cache(cache: dict) -> dict:
 
 def init_cache(model: "DecoderLM", batch: int, max_len: int, dtype=None) -> dict:
   """An empty cache for ``model``: ``layers``, the blocks' KV caches (``transformer.init_stack_cache``:
-  keys and values [batch, max_len, kv_heads, head_dim] in ``dtype``, default the model's compute
+  keys and values [batch, kv_heads, max_len, head_dim] in ``dtype``, default the model's compute
   dtype, one per block, or stacked over layers for a scanned stack), and ``kv_mask``
   [batch, max_len], True where a real (not padding) token has been written."""
   b = model.block if dtype is None else dataclasses.replace(model.block, dtype=dtype)
