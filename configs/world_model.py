@@ -45,19 +45,17 @@ Figures to expect (default variant, 2 CPU cores):
   tokenizer: held-out eval/psnr 37.43 dB after 2700 steps in 40.6 min (32 dB at 22.8 min) on an
     AVX2-only host; about 20 min on an AMX host (estimated from
     its 2.2-2.4 steps/s on 2026-11-29).
-  dynamics (default, K = 4, 1200 steps in 57 min on the AVX2 host, trained with
-    --config.stages.dynamics.eval_every=600, then the evaluate command on 128 held-out windows):
-    eval/rollout_psnr 19.26 dB (repeating the last frame: 18.75), eval/action_top1 0.80
-    (chance 0.37).
+  dynamics (default, K = 4, 1200 steps in 49.5 min on an AMX host on 2026-12-03, trained with
+    --config.stages.dynamics.eval_every=0, then the evaluate command on 128 held-out windows):
+    eval/rollout_psnr 19.07 dB (repeating the last frame: 18.74), eval/action_top1 0.727
+    (chance 0.37); nfe_curve FLD 91.1 at K = 4 against 91.5 for the no-shortcut ablation. Before
+    2026-12-02, when redrawn next frames began to keep a step size from the distribution: 19.26 dB,
+    top-1 0.80 (AVX2 host, 57 min).
   interactive play (bench_fps interactive_fps): 44.1 FPS on the AVX2 host, 88.78 on an AMX host
     (2026-12-02); bench_vs_dreamer4 on the AMX host: 24.66 vs 3.496 FPS, ratio 7.054.
-  Today's default at 1200 steps (2026-12-03, AMX host, 49.5 min; the evaluate command above):
-    eval/rollout_psnr 19.07 dB (copy 18.74), eval/action_top1 0.727; nfe_curve FLD 91.1 at K = 4
-    against 91.5 for the no-shortcut ablation (docs/world_model.md).
-  The 2026-11-30 dynamics figures above predate 2026-12-02, when redrawn next frames began to keep a step size
-  from the distribution; the default has not been re-measured since. step_distribution=paper was
-  measured at 200 steps (AVX2 host, 16 windows x 64 imagined frames, nfe_curve): FLD 340 at K = 4
-  against 207 for the no-shortcut ablation, PSNR 10.6 vs 13.7 dB (docs/world_model.md).
+  step_distribution=paper was measured at 200 steps (AVX2 host, 16 windows x 64 imagined frames,
+    nfe_curve): FLD 340 at K = 4 against 207 for the no-shortcut ablation, PSNR 10.6 vs 13.7 dB
+    (docs/world_model.md).
 Details, earlier figures and what was tried: docs/world_model.md.
 """
 from jaxai import config_lib

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxai.nn import layers, transformer
+from jaxai.nn import attention, layers, transformer
 
 BYTE_VOCAB = 256  # byte-level: every byte is a token
 
-KV_AXES = ("batch", "kv_heads", "length", "head_dim")  # attention.init_kv_cache's layout
 
 
 def _constrain_cache(cache: dict) -> dict:
@@ -31,9 +30,9 @@ def _constrain_cache(cache: dict) -> dict:
             "value": nn.with_logical_constraint(layer["value"], axes)}
   layers_ = cache["layers"]
   if isinstance(layers_, dict):  # one cache stacked over the layers of a scanned stack
-    layers_ = constrain(layers_, ("layers",) + KV_AXES)
+    layers_ = constrain(layers_, ("layers",) + attention.KV_CACHE_AXES)
   else:
-    layers_ = [constrain(layer, KV_AXES) for layer in layers_]
+    layers_ = [constrain(layer, attention.KV_CACHE_AXES) for layer in layers_]
   return {"layers": layers_, "kv_mask": nn.with_logical_constraint(cache["kv_mask"], ("batch", "length"))}
 
 

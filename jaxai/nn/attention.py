@@ -87,9 +87,13 @@ def dot_product_attention(q, k, v, *, frame_size=None, window_frames=None, soft_
       window_frames=window_frames, soft_cap=soft_cap, interpret=dispatch.interpret())
 
 
+# The logical axes of a cache's keys and values (``init_kv_cache``), for sharding constraints.
+KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
   """Empty cache for ``Attention``: keys and values [batch, kv_heads, max_len, head_dim] (head-major,
-  the layout attention reads them in), index 0.
+  the layout attention reads them in; ``KV_CACHE_AXES``), index 0.
 
   Only causal (``frame_size`` not None) attention may use it, and with ``frame_size=F`` the writes
   must be whole frames (index and length multiples of F): otherwise a query would see unwritten
