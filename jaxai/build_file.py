@@ -15,7 +15,7 @@ LIBRARY_DIRS = ("jaxai", "kernels_pallas")
 # import name -> PyPI distribution, for rules_python's requirement().
 THIRD_PARTY = {
     "absl": "absl-py", "array_record": "array-record", "chex": "chex", "craftax": "craftax",
-    "etils": "etils", "flax": "flax", "grain": "grain", "jax": "jax", "matplotlib": "matplotlib",
+    "distrax": "distrax", "etils": "etils", "flax": "flax", "grain": "grain", "jax": "jax", "matplotlib": "matplotlib",
     "ml_collections": "ml-collections", "numpy": "numpy", "optax": "optax", "orbax": "orbax-checkpoint", "PIL": "pillow", "portpicker": "portpicker",
     "pytest": "pytest", "rlax": "rlax", "scipy": "scipy", "tensorboardX": "tensorboardX",
     "tensorflow_datasets": "tensorflow-datasets", "tqdm": "tqdm",

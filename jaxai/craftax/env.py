@@ -177,7 +177,9 @@ class ParallelCraftax:
   def step(self, actions: np.ndarray):
     """Steps every slot; returns (frames [N,63,63,3] | None, rewards, terminals, SymbolicView)."""
     self.batch, rewards, terminals, frames, view = _step_batch(
-        self.batch, jnp.asarray(np.asarray(actions, np.int32)), jnp.asarray(self.t),
+        # A copy: jnp.asarray may alias the numpy buffer, and the step can run after the in-place
+        # increment below (it waits on a pending reset_slot), drawing from the wrong step's key.
+        self.batch, jnp.asarray(np.asarray(actions, np.int32)), jnp.asarray(self.t.copy()),
         render=self.render)
     self.t += 1
     rewards, terminals, frames, view = jax.device_get((rewards, terminals, frames, view))

@@ -3,15 +3,17 @@
     python -m jaxai.craftax.evaluate_policies [--episodes=32] [--max_episode_len=2000]
         [--policies=random,novice,intermediate,expert] [--num_envs=64]
 
-prints one JSON line per policy: success rate (%) of each of the 22 achievements over the episodes
-(an achievement counts if unlocked at any point of the episode), the Crafter score (geometric mean
-of 1 + rate, minus 1), mean episode length, death rate and mean return. Worlds are seeds from
-``EVAL_SEED_BASE`` on, disjoint from the dataset's train and heldout worlds; every policy plays the
-same worlds. ``--max_episode_len`` defaults to the ``default`` dataset's cap, so the rates describe
-the recorded behaviour; pass 10000 for the game's full episodes.
+prints one JSON line per policy (``evaluation.summarize``): success rate (%) of each of the 22
+achievements over the episodes (an achievement counts if unlocked at any point of the episode) with
+its 95% Wilson interval, the Crafter score (geometric mean of 1 + rate, minus 1), mean episode
+length, death rate, mean return and episodes per hour. The episodes are played by the same harness
+as the agents (``evaluation.play``), on seeds from ``EVAL_SEED_BASE`` on, disjoint from the
+dataset's train and heldout worlds; every policy plays the same worlds. ``--max_episode_len``
+defaults to the ``default`` dataset's cap, so the rates describe the recorded behaviour; pass 10000
+for the game's full episodes.
 
 Measured with the defaults (32 episodes of at most 2000 steps per policy; 43 s on the 2-core CPU
-machine), success rates in %:
+machine, when all policies still shared one batch of games: the same games), success rates in %:
 
   policy        wood table wood_pick stone_pick furnace  coal  iron iron_pick diamond score deaths length
   random        62.5  15.6       0.0        0.0     0.0   0.0   0.0       0.0     0.0  1.83   100%    164
@@ -24,43 +26,25 @@ experts 50.5.) In the recorded ``default`` train split the expert reached the ir
 the diamond in 88 of its 120 episodes.
 """
 import json
-import time
 
-import numpy as np
 from absl import flags
 
 from jaxai import cli
-from jaxai.craftax import env as craftax_env
+from jaxai.craftax import evaluation
 from jaxai.craftax import policies
 
-EVAL_SEED_BASE = 3 << 29  # above the heldout seeds (1 << 30 onwards), below 2**31
+EVAL_SEED_BASE = evaluation.EVAL_SEED_BASE
 
 
 def evaluate(policy_names, episodes: int, max_episode_len: int, num_envs: int) -> list[dict]:
-  specs = [policies.EpisodeSpec(EVAL_SEED_BASE + i, name)
-           for name in policy_names for i in range(episodes)]
-  summaries = {name: [] for name in policy_names}
-  start = time.time()
-  for item in policies.play_episodes(specs, num_envs=min(num_envs, len(specs)),
-                                     max_episode_len=max_episode_len,
-                                     render=False):
-    summaries[item.policy].append(item)
-  seconds = time.time() - start
+  """One summary per policy (``evaluation.summarize``), every policy on the same worlds."""
+  seeds = evaluation.world_seeds(episodes)
   results = []
   for name in policy_names:
-    done = summaries[name]
-    unlocked = np.stack([s.achievements for s in done])
-    rates = 100.0 * unlocked.mean(0)
-    results.append({
-        "policy": name, "episodes": len(done), "max_episode_len": max_episode_len,
-        "success_rates": {a: round(float(r), 1) for a, r in zip(craftax_env.ACHIEVEMENTS, rates)},
-        "crafter_score": round(craftax_env.crafter_score(rates), 2),
-        "mean_length": round(float(np.mean([s.length for s in done])), 1),
-        "death_rate": round(float(np.mean([s.terminal and s.length <= craftax_env.MAX_EPISODE_STEPS
-                                           for s in done])), 3),
-        "mean_return": round(float(np.mean([s.episode_return for s in done])), 2),
-        "seconds_all_policies": round(seconds, 1),
-    })
+    played = evaluation.play(evaluation.BehaviourPolicy(name), seeds,
+                             num_envs=min(num_envs, episodes), max_episode_len=max_episode_len,
+                             render=False)  # the planners read the game state, not pixels
+    results.append({"policy": name, **evaluation.summarize(played)})
   return results
 
 

@@ -33,6 +33,8 @@ class SyntheticSplit:
   Episode e is world ``seed_base + e``: a torus of ``2 * 9 x 2 * 9`` tiles drawn from
   ``num_textures`` fixed textures (the same for every split, so train and held-out share them),
   and a walk whose steps are LEFT/RIGHT/UP/DOWN with probability 1/6 each and NOOP otherwise.
+  For the agent's heads it has one achievement: ``collect_wood`` unlocks (reward 1) the first time
+  the tile at the centre of the view shows texture 0.
   """
 
   def __init__(self, num_episodes: int, episode_len: int, *, seed_base: int, num_textures: int = 12,
@@ -42,7 +44,7 @@ class SyntheticSplit:
     self.textures = np.random.default_rng(12345).integers(0, 256, (num_textures, tile, tile, 3),
                                                           dtype=np.uint8)
     seeds = seed_base + np.arange(num_episodes)
-    self.worlds, self.actions, self.positions = [], [], []
+    self.worlds, self.actions, self.positions, self.unlocked = [], [], [], []
     for seed in seeds:
       rng = np.random.default_rng(int(seed))
       self.worlds.append(rng.integers(0, num_textures, (2 * self.view[0], 2 * self.view[1])))
@@ -53,6 +55,11 @@ class SyntheticSplit:
         position[t] = self._moved(position[t - 1], actions[t - 1])
       self.actions.append(actions)
       self.positions.append(position)
+      centre = self.worlds[-1][(position[:, 0] + self.view[0] // 2) % self.worlds[-1].shape[0],
+                               (position[:, 1] + self.view[1] // 2) % self.worlds[-1].shape[1]]
+      arrived = centre == 0
+      arrived[0] = False  # as in the game: nothing is unlocked, and no reward given, at the reset
+      self.unlocked.append(np.maximum.accumulate(arrived))
     self.episodes = {"length": np.full(num_episodes, episode_len, np.int64), "world_seed": seeds}
     self.episode_offsets = np.arange(num_episodes + 1, dtype=np.int64) * episode_len
     self.num_steps = int(self.episode_offsets[-1])
@@ -71,9 +78,14 @@ class SyntheticSplit:
     steps = np.arange(first_step, first_step + num_steps)
     episode = np.searchsorted(self.episode_offsets, steps, side="right") - 1
     local = steps - self.episode_offsets[episode]
+    unlocked = np.array([self.unlocked[e][t] for e, t in zip(episode, local)])
+    before = np.array([t > 0 and self.unlocked[e][t - 1] for e, t in zip(episode, local)])
+    achievements = np.zeros((num_steps, len(craftax_env.ACHIEVEMENTS)), bool)
+    achievements[:, craftax_env.ACHIEVEMENTS.index("collect_wood")] = unlocked
     return {"frames": np.stack([self._render(e, self.positions[e][t]) for e, t in zip(episode, local)]),
             "actions": np.array([self.actions[e][t] for e, t in zip(episode, local)], np.int32),
-            "is_first": local == 0}
+            "is_first": local == 0, "is_last": local == self.episodes["length"][episode] - 1,
+            "rewards": (unlocked & ~before).astype(np.float32), "achievements": achievements}
 
   def outcomes_of_every_action(self, episode: int, actions, step: int):
     del actions  # the walk is stored

@@ -1,6 +1,6 @@
 """The Dreamer 4 dynamics model: noisy tokenizer latents + actions -> clean latents, frame by frame.
 
-Token layout. Each frame contributes ``F = S_z + S_r + 2`` tokens, in this order:
+Token layout. Each frame contributes ``F = S_z + S_r + 2`` tokens (one more with agent tokens), in this order:
 
 * ``S_z`` spatial tokens: the frame's ``N x C`` tokenizer latents regrouped into ``S_z`` tokens of
   ``N * C / S_z`` values (consecutive latent tokens are merged, as the paper reshapes 512 x 16 to
@@ -9,7 +9,12 @@ Token layout. Each frame contributes ``F = S_z + S_r + 2`` tokens, in this order
 * one noise-level token: the embeddings of the signal level tau (on the 1/K_max grid) and of the
   step size d (log2 of 1/d) concatenated;
 * one action token: a learned embedding, plus the embedding of the Craftax action (17 categories)
-  when the frame is labelled ("unlabelled" frames carry only the learned embedding).
+  when the frame is labelled ("unlabelled" frames carry only the learned embedding);
+* with ``num_tasks`` > 0 (the agent), one agent token: a learned embedding plus the embedding of
+  the sequence's task. It attends to every token of its frame (space layers) and to the agent
+  tokens of earlier frames (time layers); no other token attends to it, so the task never reaches
+  the video prediction (the paper's rule). The policy, reward and value heads
+  (``agent_heads.AgentHeads``) read its output.
 
 Frame t's action token holds the action that led *into* frame t (taken at frame t - 1); the
 recorded dataset stores at step t the action taken *after* frame t, see ``actions_into_frames``.
@@ -67,6 +72,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxai.nn import layers, transformer
+from jaxai.world_model import agent_heads
 
 NUM_CRAFTAX_ACTIONS = 17
 
@@ -92,6 +98,8 @@ class DynamicsConfig:
   next_frame_fraction: float = 0.0  # frames trained at tau = 0 after a context frame (not in the paper)
   loss_impl: str = "xla"  # the shortcut-forcing loss: xla | pallas | auto (the fused kernel where written)
   token_init_scale: float = 0.02
+  num_tasks: int = 0  # > 0: an agent token per frame with one of num_tasks task embeddings
+  heads: agent_heads.HeadsConfig = agent_heads.HeadsConfig()  # of the agent token (num_tasks > 0)
 
   def __post_init__(self):
     if self.k_max < 1 or self.k_max & (self.k_max - 1):
@@ -110,7 +118,12 @@ class DynamicsConfig:
 
   @property
   def tokens_per_frame(self) -> int:
-    return self.spatial_tokens + self.num_registers + 2
+    return self.spatial_tokens + self.num_registers + 2 + (self.num_tasks > 0)
+
+  @property
+  def agent_slot(self) -> int | None:
+    """The agent token's index within a frame (the last one), None without agent tokens."""
+    return self.tokens_per_frame - 1 if self.num_tasks > 0 else None
 
   @property
   def values_per_token(self) -> int:
@@ -196,6 +209,17 @@ def _single_image_mask(single_image, frame_size, repeat, q_len, kv_len, q_offset
   return jnp.repeat(mask, repeat, axis=0)[:, None, None]
 
 
+def agent_visibility(config: DynamicsConfig, q_len: int, kv_len: int, q_offset=0) -> jax.Array | None:
+  """[q_len, kv_len] bool over token positions laid out in frames of F tokens (slot = position mod
+  F): an agent token is seen by agent tokens only. None without agent tokens."""
+  if config.agent_slot is None:
+    return None
+  f = config.tokens_per_frame
+  q_is_agent = (q_offset + jnp.arange(q_len)) % f == config.agent_slot
+  k_is_agent = jnp.arange(kv_len) % f == config.agent_slot
+  return ~k_is_agent[None, :] | q_is_agent[:, None]
+
+
 def _signal_levels(key, shape, dtype=jnp.float32):
   """[K_max + 1]: the signal level of each index, and 0 for the last one (no previous frame)."""
   del key
@@ -204,13 +228,19 @@ def _signal_levels(key, shape, dtype=jnp.float32):
 
 
 class Dynamics(nn.Module):
-  """``(latents, tau, step, actions, action_mask=None, single_image=None, cache=None, commit=None)``
-  -> predicted clean latents [B, T, N, C] (fp32), or ``(prediction, cache)`` when a cache is given
-  (holding the first ``commit`` frames of this call; default all).
+  """``(latents, tau, step, actions, action_mask=None, single_image=None, cache=None, commit=None,
+  tasks=None)`` -> predicted clean latents [B, T, N, C] (fp32), or ``(prediction, cache)`` when a
+  cache is given (holding the first ``commit`` frames of this call; default all).
 
   latents: [B, T, N, C] noisy latents z_tau; tau, step: [B, T] signal level and step size of each
   frame; actions: [B, T] int, the action that led into each frame; action_mask: [B, T] bool, False
   for unlabelled frames (default: all labelled); single_image: [B] bool (default: none).
+
+  With agent tokens (``num_tasks`` > 0) the frames always hold them (task 0 unless ``tasks`` [B]
+  says), and with ``tasks`` given the call returns a dict instead: ``latents`` (the prediction),
+  ``agent`` (the agent tokens' outputs [B, T, D]), the heads' ``policy``, ``reward`` and ``value``
+  logits (``agent_heads.AgentHeads``) and, with a cache, ``cache``. ``Dynamics.agent_heads``
+  applies the heads alone to saved agent outputs.
   """
   config: DynamicsConfig
 
@@ -239,9 +269,18 @@ class Dynamics(nn.Module):
       # copy would take hundreds of steps to open.
       self.copy_gate = self.param("copy_gate", layers.partitioned(_signal_levels, (None,)),
                                   (c.k_max + 1,), jnp.float32)
+    if c.num_tasks > 0:
+      self.task_embed = self.param("task_embed", small((None, "embed")), (c.num_tasks, width), jnp.float32)
+      self.agent_base = self.param("agent_base", small(("embed",)), (width,), jnp.float32)
+      self.heads = agent_heads.AgentHeads(c.heads, c.num_actions)
 
-  def embed_frames(self, latents, tau, step, actions, action_mask, previous=None):
-    """[B, T, F, width] fp32 input tokens; ``previous``: frame t - 1's latents for frame t."""
+  def agent_heads(self, agent):
+    """The heads' logits of agent-token outputs [..., D] (see ``agent_heads.AgentHeads``)."""
+    return self.heads(agent)
+
+  def embed_frames(self, latents, tau, step, actions, action_mask, previous=None, tasks=None):
+    """[B, T, F, width] fp32 input tokens; ``previous``: frame t - 1's latents for frame t;
+    ``tasks`` [B]: each sequence's task (agent tokens only)."""
     c = self.config
     b, t = latents.shape[:2]
     regroup = lambda z: z.reshape(b, t, c.spatial_tokens, c.values_per_token)
@@ -252,37 +291,47 @@ class Dynamics(nn.Module):
     noise_level = jnp.concatenate([self.signal_embed[signal_index(tau, c.k_max)],
                                    self.step_embed[step_index(step, c.k_max)]], axis=-1)
     action = self.action_base + jnp.where(action_mask[..., None], self.action_embed[actions], 0.0)
-    return jnp.concatenate([spatial, registers, noise_level[:, :, None], action[:, :, None]], axis=2)
+    tokens = [spatial, registers, noise_level[:, :, None], action[:, :, None]]
+    if c.num_tasks > 0:
+      task = self.agent_base + self.task_embed[jnp.zeros((b,), jnp.int32) if tasks is None else tasks]
+      tokens.append(jnp.broadcast_to(task[:, None, None], (b, t, 1, task.shape[-1])))
+    return jnp.concatenate(tokens, axis=2)
 
   def __call__(self, latents, tau, step, actions, action_mask=None, single_image=None, cache=None,
-               commit=None):
+               commit=None, tasks=None):
     c = self.config
+    if tasks is not None and c.num_tasks == 0:
+      raise ValueError("tasks given to a dynamics model without agent tokens (num_tasks=0)")
     b, t = latents.shape[:2]
     if action_mask is None:
       action_mask = jnp.ones((b, t), bool)
     previous, previous_level = self._previous_frames(latents, tau, single_image, cache) \
         if c.previous_frame else (None, None)
-    x = self.embed_frames(latents, tau, step, actions, action_mask, previous)
+    x = self.embed_frames(latents, tau, step, actions, action_mask, previous, tasks)
     layer_caches = None if cache is None else cache["layers"]
     if c.layout == "full":
       x, new_layer_caches = self._full(x, single_image, layer_caches)
     else:
       x, new_layer_caches = self._factorised(x, single_image, layer_caches)
+    agent = None if tasks is None else x[:, :, c.agent_slot]
     out = self.latent_out(self.out_norm(x[:, :, :c.spatial_tokens]))
     out = out.reshape(b, t, c.num_latents, c.latent_channels)
     if previous is not None:  # skips: tau z_t + (1 - tau) gate(tau_{t-1}) z_{t-1}, with tau of frame t
       own = tau.astype(jnp.float32)[..., None, None]
       out = out + own * latents + (1.0 - own) * self.copy_gate[previous_level][..., None, None] * previous
     if cache is None:
-      return out
+      return out if agent is None else {"latents": out, "agent": agent, **self.heads(agent)}
     commit = t if commit is None else commit
     if not 1 <= commit <= t:
       raise ValueError(f"commit={commit}: must be in [1, {t}] (the frames of this call)")
     if commit < t:  # the index goes back; the causal mask hides what lies past it
       per_frame = c.tokens_per_frame if c.layout == "full" else 1
       new_layer_caches = transformer.rewind_cache(new_layer_caches, (t - commit) * per_frame)
-    return out, {"layers": new_layer_caches, "previous_latents": latents[:, commit - 1].astype(jnp.float32),
+    new_cache = {"layers": new_layer_caches, "previous_latents": latents[:, commit - 1].astype(jnp.float32),
                  "previous_level": signal_index(tau[:, commit - 1], c.k_max)}
+    if agent is None:
+      return out, new_cache
+    return {"latents": out, "agent": agent, **self.heads(agent), "cache": new_cache}
 
   def _previous_frames(self, latents, tau, single_image, cache):
     """Frame t - 1's noisy latents [B, T, N, C] and signal index [B, T] for every frame t (zeros and
@@ -306,27 +355,40 @@ class Dynamics(nn.Module):
     kv_len = t if cache is None else transformer.cache_length(cache)
     time_positions = (time_offset + jnp.arange(t))[None]
     time_mask = None if single_image is None else _single_image_mask(single_image, 1, f, t, kv_len, time_offset)
-    out = self.blocks(x, time_positions, time_mask, cache=cache)
+    # Time layers need no agent mask: each slot's sequence over time holds only that slot's tokens.
+    space_mask = agent_visibility(self.config, f, f)
+    out = self.blocks(x, time_positions, (space_mask, time_mask), cache=cache)
     return out if cache is not None else (out, None)
 
   def _full(self, x, single_image, cache):
-    """Every layer block-causal over all T * F tokens; RoPE position = frame * F + slot."""
+    """Every layer block-causal over all T * F tokens; RoPE position = frame * F + slot, where F
+    and slot leave the agent token out: it takes its frame's last position (the action token's), so
+    adding it moves no other token (it is the key of no other token, so only its own queries see
+    where it sits)."""
     b, t, f, width = x.shape
     token_offset = 0 if cache is None else transformer.cache_index(cache)
     kv_len = t * f if cache is None else transformer.cache_length(cache)
-    positions = (token_offset + jnp.arange(t * f))[None]
+    tokens = token_offset + jnp.arange(t * f)
+    video_tokens = f - (self.config.agent_slot is not None)
+    positions = (tokens // f * video_tokens + jnp.minimum(tokens % f, video_tokens - 1))[None]
     mask = None if single_image is None else _single_image_mask(single_image, f, 1, t * f, kv_len, token_offset)
+    agent_mask = agent_visibility(self.config, t * f, kv_len, token_offset)
+    if agent_mask is not None:
+      mask = agent_mask if mask is None else mask & agent_mask
     out = self.blocks(x.reshape(b, t * f, width), positions, mask, cache=cache)
     h, new_cache = out if cache is not None else (out, None)
     return h.reshape(b, t, f, width), new_cache
 
 
-def _factorised_layer(block, x, time_positions, time_mask, cache):
+def _factorised_layer(block, x, time_positions, masks, cache):
   """One layer of the factorised layout on x [B, T, F, D]: a space layer (frame_size None) over
-  each frame's F tokens, a time layer over each of the B * F slot sequences of T frames."""
+  each frame's F tokens, a time layer over each of the B * F slot sequences of T frames.
+  ``masks``: (space mask [F, F] or None, time mask or None)."""
   b, t, f, width = x.shape
+  space_mask, time_mask = masks
   if block.frame_size is None:
-    return block(x.reshape(b * t, f, width), jnp.arange(f)[None]).reshape(b, t, f, width), cache
+    out = block(x.reshape(b * t, f, width), jnp.arange(f)[None], space_mask)
+    return out.reshape(b, t, f, width), cache
   h = x.swapaxes(1, 2).reshape(b * f, t, width)
   h, cache = transformer.apply_block(block, h, time_positions, time_mask, cache)
   return h.reshape(b, f, t, width).swapaxes(1, 2), cache

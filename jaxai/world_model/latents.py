@@ -20,14 +20,24 @@ import tqdm
 from jaxai.craftax import dataset as craftax_dataset  # window_starts, WindowSource: for any steps
 
 
+DYNAMICS_FIELDS = ("latents", "actions", "is_first")  # what a dynamics window holds
+AGENT_FIELDS = DYNAMICS_FIELDS + ("rewards", "is_last", "achievements")
+RECORDED_FIELDS = AGENT_FIELDS[1:]  # copied from the recorded split as they are
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentSteps:
   """One split laid end to end: ``latents`` float16 [S, L, C]; per step ``actions`` int32 [S] (the
-  action taken after the frame, dataset convention) and ``is_first`` bool [S]; ``episode_offsets``
-  [E + 1] the first step of each episode (and the total); ``world_seeds`` [E]."""
+  action taken after the frame, dataset convention), ``is_first`` bool [S], and for the agent
+  ``rewards`` float32 [S] (for arriving at the frame), ``is_last`` bool [S] and ``achievements``
+  bool [S, 22] (unlocked so far); ``episode_offsets`` [E + 1] the first step of each episode (and
+  the total); ``world_seeds`` [E]."""
   latents: np.ndarray
   actions: np.ndarray
   is_first: np.ndarray
+  rewards: np.ndarray
+  is_last: np.ndarray
+  achievements: np.ndarray
   episode_offsets: np.ndarray
   world_seeds: np.ndarray
 
@@ -35,10 +45,9 @@ class LatentSteps:
   def num_steps(self) -> int:
     return len(self.actions)
 
-  def read_steps(self, start: int, count: int) -> dict[str, np.ndarray]:
+  def read_steps(self, start: int, count: int, fields=DYNAMICS_FIELDS) -> dict[str, np.ndarray]:
     window = slice(start, start + count)
-    return {"latents": self.latents[window], "actions": self.actions[window],
-            "is_first": self.is_first[window]}
+    return {name: getattr(self, name)[window] for name in fields}
 
 
 def _cache_path(cache_dir: str, name: str, episodes: int, tokenizer_step: int) -> str:
@@ -73,11 +82,11 @@ def load_or_encode(encode, steps, *, name: str, max_episodes: int, tokenizer_ste
     cached = _read(path)
     if cached is not None:
       return cached
-    print(f"latent cache {path} is unreadable; encoding again", file=sys.stderr, flush=True)
+    print(f"latent cache {path} is unreadable or lacks fields added since; encoding again",
+          file=sys.stderr, flush=True)
   num_steps = int(steps.episode_offsets[episodes])
   latents = None
-  actions = np.zeros(num_steps, np.int32)
-  is_first = np.zeros(num_steps, bool)
+  recorded = {}
   for start in tqdm.trange(0, num_steps, batch_size, desc=f"encoding {split} frames", unit="batch",
                            file=sys.stderr, disable=jax.process_index() != 0):
     count = min(batch_size, num_steps - start)
@@ -89,9 +98,11 @@ def load_or_encode(encode, steps, *, name: str, max_episodes: int, tokenizer_ste
     if latents is None:
       latents = np.zeros((num_steps, *encoded.shape[1:]), np.float16)
     latents[start:start + count] = encoded
-    actions[start:start + count] = read["actions"]
-    is_first[start:start + count] = read["is_first"]
-  result = LatentSteps(latents=latents, actions=actions, is_first=is_first,
+    for name in RECORDED_FIELDS:
+      if name not in recorded:
+        recorded[name] = np.zeros((num_steps, *read[name].shape[1:]), read[name].dtype)
+      recorded[name][start:start + count] = read[name]
+  result = LatentSteps(latents=latents, **recorded,
                        episode_offsets=np.asarray(steps.episode_offsets[:episodes + 1], np.int64),
                        world_seeds=np.asarray(steps.episodes["world_seed"][:episodes], np.int64))
   if jax.process_index() == 0:

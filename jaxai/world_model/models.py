@@ -4,6 +4,7 @@ import ml_collections
 
 from jaxai import config_lib
 from jaxai.nn import transformer
+from jaxai.world_model import agent_heads
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import tokenizer as tokenizer_lib
 
@@ -29,8 +30,14 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer
       patch_size=t.patch_size, max_mask_prob=t.max_mask_prob, aligned_inputs=t.aligned_inputs))
 
 
-def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
+def make_dynamics(config: ml_collections.ConfigDict, *, agent: bool = False) -> dynamics_lib.Dynamics:
+  """The dynamics model; ``agent``: with the agent token and heads of ``config.agent``."""
   d, t = config.dynamics, config.tokenizer
+  extra = {}
+  if agent:
+    a = config.agent
+    extra = dict(num_tasks=len(a.tasks), heads=agent_heads.HeadsConfig(
+        hidden=a.head_hidden, layers=a.head_layers, mtp_length=a.mtp_length, bins=a.twohot_bins))
   return dynamics_lib.Dynamics(dynamics_lib.DynamicsConfig(
       block=block_config(config, d), num_layers=d.num_layers, num_latents=t.num_latents,
       latent_channels=t.latent_channels, spatial_tokens=d.spatial_tokens, num_registers=d.num_registers,
@@ -38,7 +45,7 @@ def make_dynamics(config: ml_collections.ConfigDict) -> dynamics_lib.Dynamics:
       step_distribution=d.step_distribution,
       previous_frame=d.previous_frame, context_fraction=d.context_fraction,
       context_signal=config.rollout.context_signal, next_frame_fraction=d.next_frame_fraction,
-      loss_impl=d.shortcut_loss_impl))
+      loss_impl=d.shortcut_loss_impl, **extra))
 
 
 def rollout_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -2,17 +2,21 @@
 trunk's registry (``jaxai.stages.REGISTRY``).
 
 Stages (``config.stages``): ``tokenizer`` (``tokenizer_stage``), ``dynamics`` on the frozen
-tokenizer's latents (``dynamics_stage``), both in turn with ``stage=all``; and
+tokenizer's latents (``dynamics_stage``), both in turn with ``stage=all``; ``agent``
+(``agent_stage``), the agent's finetuning from the dynamics checkpoint, and ``imagination``
+(``imagination``), its RL in the frozen world model, both run by name for now; and
 ``synthetic_actions`` (``synthetic_actions``), a diagnostic of the dynamics objective run only by
 name.
 """
 import ml_collections
 
 from jaxai import config_lib, stages
-from jaxai.world_model import data, dynamics_stage, synthetic_actions, tokenizer_stage
+from jaxai.world_model import agent_stage, data, dynamics_stage, imagination, synthetic_actions
+from jaxai.world_model import tokenizer_stage
 
 BUILDERS = {"tokenizer": tokenizer_stage.build, "dynamics": dynamics_stage.build,
-            "synthetic_actions": synthetic_actions.build}
+            "synthetic_actions": synthetic_actions.build, "agent": agent_stage.build,
+            "imagination": imagination.build}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -22,8 +26,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   tokenizer_stage.validate(config)
   data.validate(config)
   names = stages.selected(config)
-  if set(names) & {"dynamics", "synthetic_actions"}:
+  if set(names) & {"dynamics", "synthetic_actions", "agent", "imagination"}:
     dynamics_stage.validate(config)
+  if set(names) & {"agent", "imagination"}:
+    agent_stage.validate(config)
+  if "imagination" in names:
+    imagination.validate(config)
   config_lib.check_positive(config, "synthetic_actions.eval_sequences")
 
 

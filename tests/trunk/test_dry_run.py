@@ -26,6 +26,19 @@ def test_full_variant_compiles_on_eight_fake_devices(name, tmp_path):
   assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
+def test_the_world_models_rl_stage_compiles_at_full_size(tmp_path):
+  """RL in imagination, run by name (stage=all skips it), whose on-policy batch (the imagined
+  trajectories of the agent model, with its heads) is made inside the compiled step. Full widths
+  and mesh; short trajectories keep the compile to seconds. (The finetuning stage's step is the
+  dynamics loss plus the heads: it compiled at full size too, by hand, on 2026-12-03.)"""
+  config = config_of("world_model", "full", stage="imagination", imagination__horizon=4,
+                     imagination__context_frames=4)
+  (record,) = dry_run.dry_run(config, str(tmp_path / "run"))
+  assert record["stage"] == "imagination" and record["devices"] == 8, record
+  assert record["parameters"] > 1e8 and record["flops_per_step"] > 0 and record["memory_per_device_bytes"] > 0
+  assert not os.path.exists(tmp_path / "run")
+
+
 @needs_libtpu
 @pytest.mark.parametrize("name", CONFIGS)
 def test_full_variant_compiles_for_a_v5e_256_slice_within_a_chips_memory(name, tmp_path):
