@@ -25,7 +25,9 @@ machine, when all policies still shared one batch of games: the same games), suc
 experts 50.5.) In the recorded ``default`` train split the expert reached the iron pickaxe in 89 and
 the diamond in 88 of its 120 episodes.
 """
+import contextlib
 import json
+import sys
 
 from absl import flags
 
@@ -65,7 +67,10 @@ def main(argv):
   for name in ("episodes", "max_episode_len", "num_envs"):
     if args[name].value < 1:
       cli.fail("config error", f"{name}: must be >= 1, got {args[name].value}")
-  for result in evaluate(names, args.episodes, args.max_episode_len, args.num_envs):
+  # Craftax prints while it loads its textures: to stderr, so stdout holds only the JSON lines.
+  with contextlib.redirect_stdout(sys.stderr):
+    results = evaluate(names, args.episodes, args.max_episode_len, args.num_envs)
+  for result in results:
     print(json.dumps(result), flush=True)
 
 
