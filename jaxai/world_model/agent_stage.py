@@ -215,6 +215,15 @@ def make_evaluate(model, examples: dict, *, context_signal: float, batch_size: i
   return evaluate
 
 
+def init_agent_params(model, rng, frames: int = 1):
+  """The agent dynamics model's parameters (boxed with their logical axes), traced on ``frames``
+  zero frames of one sequence."""
+  c = model.config
+  zeros = jnp.zeros((1, frames))
+  return model.init(rng, jnp.zeros((1, frames, c.num_latents, c.latent_channels)), zeros, zeros + c.d_min,
+                    zeros.astype(jnp.int32), tasks=jnp.zeros((1,), jnp.int32))["params"]
+
+
 def world_model_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """``config`` with the dynamics and tokenizer sections of the dynamics run it starts from."""
   directory = stages.stage_dir(stages.reads_dir(config, workdir), "dynamics")
@@ -234,12 +243,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
     r = run()
     return dynamics_stage.load_latents(r.config, reads, split, r.tokenizer, max_episodes=max_episodes)
 
-  def init_params(rng):
-    c = model.config
-    latents = jnp.zeros((1, a.window_len, c.num_latents, c.latent_channels))
-    zeros = jnp.zeros((1, a.window_len))
-    return model.init(rng, latents, zeros, zeros + c.d_min, zeros.astype(jnp.int32),
-                      tasks=jnp.zeros((1,), jnp.int32))["params"]
+  init_params = functools.partial(init_agent_params, model, frames=a.window_len)
 
   def make_data(process_index, process_count):
     data.ensure_dataset(config)

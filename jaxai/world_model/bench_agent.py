@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import linen as nn
 
 from jaxai import cli, host
 from jaxai.bench import timing
-from jaxai.world_model import agent_player, imagination, models, realtime
+from jaxai.world_model import agent_player, agent_stage, imagination, models, realtime
 
 
 def define_flags():
@@ -33,13 +34,8 @@ def define_flags():
 
 def _random_agent(config, seed: int = 0):
   model = models.make_dynamics(config, agent=True)
-  c = model.config
-  zeros = jnp.zeros((1, 1))
-  params = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 1, c.num_latents, c.latent_channels)), zeros,
-                                          zeros + c.d_min, zeros.astype(jnp.int32),
-                                          tasks=jnp.zeros((1,), jnp.int32))["params"])(jax.random.key(seed))
-  return model, jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                             is_leaf=lambda x: hasattr(x, "value"))
+  params = jax.jit(lambda rng: agent_stage.init_agent_params(model, rng))(jax.random.key(seed))
+  return model, nn.unbox(params)
 
 
 def imagined_fps(config, *, batch: int, runs: int) -> dict:

@@ -31,7 +31,8 @@ import ml_collections
 from jaxai import config_lib, stages
 from jaxai.data import pipeline
 from jaxai.rl import pmpo, returns, twohot
-from jaxai.world_model import data, dynamics_stage, models, noise_levels, shortcut_forcing
+from jaxai.world_model import agent_stage, data, dynamics_stage, models, noise_levels, rollout
+from jaxai.world_model import shortcut_forcing
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import latents as latents_lib
 
@@ -73,7 +74,6 @@ def imagine(model, params, context, actions, labelled, tasks, rng, *, horizon: i
   if t > 1:
     cache = apply(noisy_context[:, :-1], full(level, t - 1), full(c.d_min, t - 1), actions[:, :-1],
                   labelled[:, :-1], cache=cache)["cache"]
-  step = 1.0 / num_steps
 
   def one_frame(carry, key):
     cache, newest, action_into, is_labelled = carry
@@ -83,9 +83,7 @@ def imagine(model, params, context, actions, labelled, tasks, rng, *, horizon: i
     action = jax.random.categorical(policy_key, out["policy"][:, 0, 0]).astype(jnp.int32)
     predict = lambda z, tau, d: apply(z, full(tau), full(c.model_step_size(d)), action[:, None],
                                       jnp.ones((b, 1), bool), cache=cache)["latents"]
-    noise = jax.random.normal(noise_key, newest.shape)
-    frame = jax.lax.fori_loop(0, num_steps, lambda k, z: z + (predict(z, k * step, step) - z) / (1 - k * step) * step,
-                              noise)
+    frame = rollout.denoise(predict, jax.random.normal(noise_key, newest.shape), start=0, num_steps=num_steps)
     next_newest = shortcut_forcing.corrupt(frame, jax.random.normal(context_key, frame.shape), full(level))
     record = {"agent": out["agent"][:, 0], "reward": twohot.decode(out["reward"][:, 0, 0]),
               "value": twohot.decode(out["value"][:, 0]), "action": action, "latents": frame[:, 0],
@@ -151,11 +149,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
   dynamics_reads = agent_reads_dir(config, workdir)
   run = functools.cache(lambda: dynamics_stage.load_run(trained, dynamics_reads))
 
-  def init_params(rng):
-    c = model.config
-    zeros = jnp.zeros((1, 1))
-    return model.init(rng, jnp.zeros((1, 1, c.num_latents, c.latent_channels)), zeros, zeros + c.d_min,
-                      zeros.astype(jnp.int32), tasks=jnp.zeros((1,), jnp.int32))["params"]
+  init_params = functools.partial(agent_stage.init_agent_params, model)
 
   def make_data(process_index, process_count):
     data.ensure_dataset(config)

@@ -44,7 +44,7 @@ def _euler_step(z, prediction, tau, step):
   return z + (prediction - z) / (1.0 - tau) * step
 
 
-def _denoise(predict_frame, z, *, start: int, num_steps: int):
+def denoise(predict_frame, z, *, start: int, num_steps: int):
   """Steps ``start`` .. K - 1 of the K = ``num_steps`` Euler steps from ``z`` (at tau = start / K);
   predict_frame(z, tau, d) -> [B, 1, N, C]."""
   step = 1.0 / num_steps
@@ -121,7 +121,7 @@ def generate_frame(model, params, state, action, action_mask, rng, *, num_steps:
   predict_frame = lambda z, tau, step: model.apply(  # reads the cache; its update is dropped
       {"params": params}, z, _full(b, 1, tau), _full(b, 1, c.model_step_size(step)), action[:, None],
       action_mask[:, None], cache=cache)[0]
-  frame = _denoise(predict_frame, _euler_step(noise, prediction[:, 1:], 0.0, step), start=1,
+  frame = denoise(predict_frame, _euler_step(noise, prediction[:, 1:], 0.0, step), start=1,
                    num_steps=num_steps)
   return frame[:, 0], {"cache": cache, "pending": {
       "latents": _as_context(frame, context_noise, context_level), "action": action,
@@ -179,7 +179,7 @@ def _uncached_frame(model, params, context, actions, action_mask, rng, *, num_st
     return model.apply({"params": params}, latents, taus, steps, actions, action_mask)[:, -1:]
 
   noise, context_noise = _frame_noise(rng, (b, 1, c.num_latents, c.latent_channels))
-  frame = _denoise(predict_frame, noise, start=0, num_steps=num_steps)
+  frame = denoise(predict_frame, noise, start=0, num_steps=num_steps)
   return frame, _as_context(frame, context_noise, context_level)
 
 

@@ -21,8 +21,8 @@ from jaxai import checkpointing, main, optimizer
 from jaxai.craftax import env as craftax_env
 from jaxai.nn import transformer
 from jaxai.rl import twohot
-from jaxai.world_model import agent_heads, agent_player, agent_tasks, bench_agent, dynamics, imagination, models
-from jaxai.world_model import noise_levels, realtime, shortcut_forcing
+from jaxai.world_model import agent_heads, agent_player, agent_stage, agent_tasks, bench_agent, dynamics
+from jaxai.world_model import imagination, models, noise_levels, realtime, shortcut_forcing
 
 BLOCK = transformer.BlockConfig(width=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64)
 BASE = dynamics.DynamicsConfig(block=BLOCK, num_layers=4, num_latents=4, latent_channels=3,
@@ -53,9 +53,7 @@ def fixture_models(request):
   base_config = dataclasses.replace(BASE, layout=layout, previous_frame=bool(previous))
   agent = dynamics.Dynamics(dataclasses.replace(base_config, num_tasks=3, heads=HEADS))
   latents, tau, step, actions = _inputs(0)
-  params = agent.init(jax.random.key(1), latents, tau, step, actions, tasks=jnp.zeros(B, jnp.int32))["params"]
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = nn.unbox(agent.init(jax.random.key(1), latents, tau, step, actions, tasks=jnp.zeros(B, jnp.int32))["params"])
   base_params = {k: v for k, v in params.items() if k not in AGENT_ONLY}
   return dynamics.Dynamics(base_config), base_params, agent, params
 
@@ -168,10 +166,7 @@ def fixture_random_player_parts():
   config = config_of("world_model", "tiny")
   tokenizer, tokenizer_params, _, _ = realtime.random_world_model(config)
   model = models.make_dynamics(config, agent=True)
-  c = model.config
-  params = model.init(jax.random.key(5), jnp.zeros((1, 1, c.num_latents, c.latent_channels)), jnp.zeros((1, 1)),
-                      jnp.full((1, 1), c.d_min), jnp.zeros((1, 1), jnp.int32), tasks=jnp.zeros(1, jnp.int32))
-  params = _with_head_weights(nn.unbox(params["params"]), scale=0.5)
+  params = _with_head_weights(nn.unbox(agent_stage.init_agent_params(model, jax.random.key(5))), scale=0.5)
   return config, tokenizer, tokenizer_params, model, params
 
 
