@@ -2,7 +2,8 @@ r"""Dreamer 4 world model on Craftax-Classic: a causal tokenizer of 63x63 frames
 latents x 8 (stage ``tokenizer``), then a dynamics model trained by shortcut forcing on the frozen
 tokenizer's latents and the actions (stage ``dynamics``). ``stage=all`` (the default) runs both.
 The agent's stages run by name: ``agent`` (task tokens, BC and reward heads, finetuned from the
-dynamics) and ``imagination`` (PMPO in the frozen world model); ``synthetic_actions`` is a
+dynamics) and ``imagination`` (PMPO in the frozen world model), and so does its baseline
+``pixel_bc`` (behaviour cloning from pixels, no world model); ``synthetic_actions`` is a
 diagnostic stage, also run only by name.
 
 Variants:
@@ -46,6 +47,11 @@ Commands (DIR: a run's workdir):
   python -m jaxai.world_model.evaluate_agent --config=configs/world_model.py --workdir=AGENT \
       --stage=imagination --task=all_achievements --episodes=64 [--gif=agent.gif]
   python -m jaxai.world_model.bench_agent --config=configs/world_model.py   # imagined frames/s
+  python -m jaxai.world_model.play --config=configs/world_model.py --workdir=AGENT --agent=imagination
+  # the baseline without a world model: behaviour cloning from pixels, then the real game
+  python -m jaxai.main --config=configs/world_model.py --config.stage=pixel_bc --workdir=PBC
+  python -m jaxai.world_model.evaluate_agent --config=configs/world_model.py --workdir=PBC \
+      --stage=pixel_bc --task=all_achievements --episodes=64
   python -m jaxai.main --config=configs/world_model.py --config.stage=synthetic_actions --workdir=DIR \
       --config.stages.synthetic_actions.total_steps=2000
   python -m jaxai.main --config=configs/world_model.py:full --workdir=DIR --dry_run --topology=v5e:16x16
@@ -102,6 +108,11 @@ def get_config(arg=None):
           reads=("agent",), init_from="agent", in_all=False, batch_size=16, total_steps=300,
           eval_every=0, checkpoint_every=100, log_every=10, trainable=r"^heads/(policy|value)/",
           optimizer=dict(learning_rate=1e-4, warmup_steps=20)),
+      # The agent's baseline (jaxai/world_model/pixel_bc.py): behaviour cloning from pixels, no
+      # world model; reads only the dataset; run by name.
+      pixel_bc=config_lib.stage_overlay(
+          in_all=False, batch_size=8, total_steps=1500, eval_every=500, checkpoint_every=500,
+          log_every=50, optimizer=dict(learning_rate=3e-4, warmup_steps=50)),
       # The diagnostic of jaxai/world_model/synthetic_actions.py, only by name (stage=all skips it).
       synthetic_actions=config_lib.stage_overlay(
           in_all=False, batch_size=8, total_steps=2000, eval_every=250, checkpoint_every=500,
@@ -224,6 +235,16 @@ def get_config(arg=None):
       # TD(lambda): Dreamer 4's gamma; its lambda is not given, 0.95 is DreamerV3's (our choice).
       gamma=0.997, lambda_=0.95,
       alpha=0.5, beta=0.3,      # PMPO (Dreamer 4's Eq. 11): weight of D+, and of the KL to the prior
+      # Updates in which only the value head learns (our addition: the paper gives none). Without
+      # it the first run's value trailed the returns for all 300 steps and D+ held 99.6-100% of the
+      # states (docs/world_model.md, Agent).
+      value_warmup_steps=100,
+  )
+  c.pixel_bc = dict(
+      # Per frame: stride-2 3x3 convolutions (63 -> 4 pixels), a dense layer, the previous action's
+      # and the task's embeddings, a GRU, the policy layer (jaxai/world_model/pixel_bc.py).
+      channels=(32, 64, 64, 128), hidden=256,
+      train_episodes=-1,        # -1: the episodes of the agent's latent cache (dynamics.train_episodes)
   )
   c.synthetic_actions = dict(eval_sequences=64)  # held-out sequences of the synthetic_actions stage
   c.compute_dtype = "bfloat16"
@@ -253,9 +274,12 @@ def get_config(arg=None):
                    twohot_bins=15, window_len=8, eval_windows=4)
     c.stages.agent.update(batch_size=8, total_steps=3, eval_every=0, checkpoint_every=3, log_every=1)
     c.stages.agent.optimizer.warmup_steps = 1
-    c.imagination.update(task="collect_wood", context_frames=3, horizon=4)
+    c.imagination.update(task="collect_wood", context_frames=3, horizon=4, value_warmup_steps=1)
     c.stages.imagination.update(batch_size=8, total_steps=3, checkpoint_every=3, log_every=1)
     c.stages.imagination.optimizer.warmup_steps = 1
+    c.pixel_bc.update(channels=(4, 8), hidden=16)
+    c.stages.pixel_bc.update(batch_size=8, total_steps=3, eval_every=3, checkpoint_every=3, log_every=1)
+    c.stages.pixel_bc.optimizer.warmup_steps = 1
   elif variant == "full":
     c.data.update(window_len=8, eval_frames=2048)
     # The same 81 x 8 bottleneck (and 27 dynamics tokens) as the default: wider and deeper models,
@@ -277,6 +301,9 @@ def get_config(arg=None):
     c.stages.agent.update(batch_size=128, total_steps=20_000, eval_every=2000, checkpoint_every=2000,
                           log_every=100)
     c.stages.agent.optimizer.update(learning_rate=1e-4, warmup_steps=1000)
-    c.imagination.update(context_frames=16, horizon=32)
+    c.imagination.update(context_frames=16, horizon=32, value_warmup_steps=1000)
     c.stages.imagination.update(batch_size=128, total_steps=10_000, checkpoint_every=1000, log_every=100)
+    c.pixel_bc.update(channels=(64, 128, 256, 256), hidden=1024, train_episodes=0)
+    c.stages.pixel_bc.update(batch_size=128, total_steps=20_000, eval_every=2000, checkpoint_every=2000,
+                             log_every=100)
   return c

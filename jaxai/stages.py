@@ -61,7 +61,8 @@ class Stage:
     loss: ``(params, batch, rng, **inputs) -> (loss, metrics)``, pure and jittable. ``inputs``
       holds ``frozen`` ({name: params}) when the stage has ``frozen``, ``ema_params`` (the moving
       average the state keeps at ``config.ema_decay`` > 0, never differentiated) when
-      ``loss_reads_ema``, and ``loss_state`` when it has ``init_loss_state``; the loss then
+      ``loss_reads_ema``, ``step`` (the 0-based number of the update, an int32 scalar) when
+      ``loss_reads_step``, and ``loss_state`` when it has ``init_loss_state``; the loss then
       returns ``(loss, (metrics, new loss_state))``.
     make_data: (process_index, process_count) -> grain IterDataset of this process's batch rows;
       None for a stage whose batches ``make_batch`` makes alone.
@@ -79,6 +80,7 @@ class Stage:
       ``evaluate`` receive as ``frozen[name]``.
     loss_reads_ema: the loss receives ``ema_params`` (e.g. a teacher for bootstrap targets); needs
       ``config.ema_decay`` > 0.
+    loss_reads_step: the loss receives ``step`` (a schedule inside the loss, e.g. a warm-up).
   """
   name: str
   config: ml_collections.ConfigDict
@@ -91,6 +93,7 @@ class Stage:
   init_loss_state: Callable[[], Any] | None = None
   frozen: dict[str, Frozen] = dataclasses.field(default_factory=dict)
   loss_reads_ema: bool = False
+  loss_reads_step: bool = False
 
 
 def task_module(config: ml_collections.ConfigDict):

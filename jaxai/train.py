@@ -53,8 +53,10 @@ def ema_decay_at(config, step):
   return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def _loss_inputs(stage: Stage, frozen, loss_state, ema_params) -> dict:
+def _loss_inputs(stage: Stage, frozen, loss_state, ema_params, step) -> dict:
   inputs = {}
+  if stage.loss_reads_step:
+    inputs["step"] = step
   if stage.frozen:
     inputs["frozen"] = frozen
   if stage.loss_reads_ema:
@@ -73,8 +75,8 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
   config_lib.check(not stage.loss_reads_ema or config.ema_decay > 0, f"stages.{stage.name}.ema_decay",
                    "the stage's loss reads the parameters' moving average: set ema_decay in (0, 1)")
 
-  def loss_fn(params, loss_state, frozen, batch, rng, ema_params=None):  # (loss, (metrics, loss_state))
-    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state, ema_params))
+  def loss_fn(params, loss_state, frozen, batch, rng, ema_params, step):  # (loss, (metrics, loss_state))
+    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state, ema_params, step))
     return out if stateful else (out[0], (out[1], loss_state))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -91,16 +93,16 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
       batch = stage.make_batch(params, batch, jax.random.fold_in(batch_base_rng, step),
                                **({"frozen": frozen} if stage.frozen else {}))
     if accum == 1:
-      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng, ema_params)
+      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng, ema_params, step)
     else:
       # Micro-batches run in sequence, so the loss state passes through each of them in turn.
       def micro_step(carry, xs):
         sums, loss_state = carry
         micro_batch, index = xs
         (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, micro_batch,
-                                                   jax.random.fold_in(rng, index), ema_params)
+                                                   jax.random.fold_in(rng, index), ema_params, step)
         return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), loss_state), None
-      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng, ema_params)
+      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng, ema_params, step)
       zeros = jax.tree.map(jnp.zeros_like, (loss, aux, grads))
       (sums, loss_state), _ = jax.lax.scan(
           micro_step, (zeros, loss_state), (_split_microbatches(batch, accum), jnp.arange(accum)))

@@ -88,7 +88,14 @@ class AgentPlayer:
            stage: str = "agent", context_frames: int | None = None, seed: int = 0,
            greedy: bool = False) -> "AgentPlayer":
     """The agent ``stage`` trained in ``workdir`` (``STAGES``), told ``task`` (one of ``agent.tasks``)."""
-    run_config, tokenizer, tokenizer_params, model, params = load_agent(config, workdir, stage)
+    return cls.from_loaded(load_agent(config, workdir, stage), task=task, num_envs=num_envs,
+                           context_frames=context_frames, seed=seed, greedy=greedy)
+
+  @classmethod
+  def from_loaded(cls, loaded, *, task: str, num_envs: int, context_frames: int | None = None, seed: int = 0,
+                  greedy: bool = False) -> "AgentPlayer":
+    """An agent of ``load_agent``'s result (several players can share one load)."""
+    run_config, tokenizer, tokenizer_params, model, params = loaded
     tasks = tuple(run_config.agent.tasks)
     if task not in tasks:
       raise config_lib.ConfigError("task", f"{task!r} is not one the agent was trained for: {', '.join(tasks)}")

@@ -68,10 +68,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 class AgentWindows(grain.sources.RandomAccessDataSource):
   """Example i: ``video``, uniform window i of the split, and ``task``, a window in which a task is
   achieved, with that task (``task``) and its reward per step (``reward``). The task and its window
-  are drawn from (seed, i), so an example is the same whatever order it is read in."""
+  are drawn from (seed, i), so an example is the same whatever order it is read in.
 
-  def __init__(self, steps: latents_lib.LatentSteps, tasks, window_len: int, seed: int):
-    self.steps, self.window_len, self.seed = steps, window_len, seed
+  ``steps``: latents (``latents_lib.LatentSteps``) or any steps with the same per-step fields and
+  ``read_steps(start, count, fields)``; a task window holds ``fields``. ``video=False`` leaves the
+  video half out (``pixel_bc``, which trains on task windows alone)."""
+
+  def __init__(self, steps: latents_lib.LatentSteps, tasks, window_len: int, seed: int, *,
+               fields=TASK_FIELDS, video: bool = True):
+    self.steps, self.window_len, self.seed, self.fields, self.video = steps, window_len, seed, fields, video
     self.starts = craftax_dataset.window_starts(steps.episode_offsets, window_len)
     if len(self.starts) == 0:
       raise ValueError(f"no episode has {window_len} steps")
@@ -86,7 +91,7 @@ class AgentWindows(grain.sources.RandomAccessDataSource):
     return len(self.starts)
 
   def task_window(self, task: int, start: int) -> dict:
-    window = self.steps.read_steps(start, self.window_len, TASK_FIELDS)
+    window = self.steps.read_steps(start, self.window_len, self.fields)
     return {**window, "reward": self.rewards[start:start + self.window_len, task],
             "task": np.int32(task)}
 
@@ -94,8 +99,10 @@ class AgentWindows(grain.sources.RandomAccessDataSource):
     rng = np.random.default_rng([self.seed, index])
     task = int(self.available[rng.integers(len(self.available))])
     start = int(self.task_starts[task][rng.integers(len(self.task_starts[task]))])
-    return {"video": self.steps.read_steps(int(self.starts[index]), self.window_len),
-            "task": self.task_window(task, start)}
+    example = {"task": self.task_window(task, start)}
+    if self.video:
+      example["video"] = self.steps.read_steps(int(self.starts[index]), self.window_len)
+    return example
 
 
 def task_outputs(model, params, task_batch, rng, *, context_signal: float) -> dict:

@@ -5,7 +5,8 @@
       [--baselines=random,novice,intermediate,expert] [--greedy] [--gif=DIR/agent.gif]
 
 plays ``--episodes`` episodes of the agent trained in ``DIR`` (its ``--stage``: ``agent`` or ``imagination``,
-``agent_player.AgentPlayer``: pixels in, actions out) on the evaluation worlds
+``agent_player.AgentPlayer``: pixels in, actions out; or ``pixel_bc``, the baseline without a world
+model, ``pixel_bc.PixelBCPlayer``) on the evaluation worlds
 (``jaxai.craftax.evaluation.world_seeds``: disjoint from every dataset split), batched over
 ``--num_envs`` games, and then the same worlds with each baseline; prints one JSON line per policy:
 success rate of each of the 22 achievements with 95% Wilson intervals, Crafter score, mean return
@@ -27,8 +28,9 @@ def define_flags():
   cli.define_config_flag("configs/world_model.py")
   flags.DEFINE_string("workdir", None, "A run whose agent stage is trained.")
   flags.DEFINE_string("task", "all_achievements", "The task the agent is told (one of agent.tasks).")
-  flags.DEFINE_enum("stage", "agent", ["agent", "imagination"],
-                    "The agent after finetuning (agent: BC) or after RL in imagination.")
+  flags.DEFINE_enum("stage", "agent", ["agent", "imagination", "pixel_bc"],
+                    "The agent after finetuning (agent: BC) or after RL in imagination, or the "
+                    "baseline of BC from pixels without a world model (pixel_bc).")
   flags.DEFINE_integer("episodes", 64, "Episodes per policy.")
   flags.DEFINE_integer("num_envs", 64, "Games played at once.")
   flags.DEFINE_integer("max_episode_len", 2000, "Frames per episode at most (the game's own limit: 10000).")
@@ -42,16 +44,20 @@ def evaluate(config, workdir: str, *, task: str, episodes: int, num_envs: int, m
              stage: str = "agent", baselines=(), greedy: bool = False, seed: int = 0, gif: str = ""):
   """Yields one record per policy: the agent first, then each baseline, on the same worlds."""
   from jaxai.craftax import evaluation  # pylint: disable=g-import-not-at-top
-  from jaxai.world_model import agent_player  # pylint: disable=g-import-not-at-top
+  from jaxai.world_model import agent_player, pixel_bc  # pylint: disable=g-import-not-at-top
   worlds = evaluation.world_seeds(episodes)
   num_envs = min(num_envs, episodes)
-  agent = agent_player.AgentPlayer.load(config, workdir, task=task, num_envs=num_envs, stage=stage,
-                                        seed=seed, greedy=greedy)
+  if stage == "pixel_bc":
+    agent = pixel_bc.PixelBCPlayer.load(config, workdir, task=task, num_envs=num_envs, seed=seed, greedy=greedy)
+  else:
+    agent = agent_player.AgentPlayer.load(config, workdir, task=task, num_envs=num_envs, stage=stage,
+                                          seed=seed, greedy=greedy)
   results = evaluation.play(agent, worlds, num_envs=num_envs, max_episode_len=max_episode_len,
                             record_episode=0 if gif else None)
   if gif:
     evaluation.write_gif(gif, results.recording.frames, results.recording.actions, task)
-  yield {"policy": f"agent ({stage})", "task": task, "greedy": greedy, **evaluation.summarize(results)}
+  name = "BC from pixels (pixel_bc)" if stage == "pixel_bc" else f"agent ({stage})"
+  yield {"policy": name, "task": task, "greedy": greedy, **evaluation.summarize(results)}
   for name in baselines:
     results = evaluation.play(evaluation.BehaviourPolicy(name), worlds, num_envs=num_envs,
                               max_episode_len=max_episode_len)

@@ -16,7 +16,9 @@ embedding and the reward head stay as finetuning left them. TD(lambda) returns
 (``jaxai.rl.returns``, gamma and lambda from the config) bootstrap from the value head; the
 policy loss is PMPO (``jaxai.rl.pmpo``: the advantages' signs split the states, alpha, beta, reverse
 KL to the finetuned policy, a frozen copy of the agent stage's parameters); the value head learns
-the returns as symexp two-hot targets (``jaxai.rl.twohot``). There is no continuation head (the
+the returns as symexp two-hot targets (``jaxai.rl.twohot``). For the first
+``imagination.value_warmup_steps`` updates only the value learns: PMPO reads nothing but the signs
+of R - v, and a value still far below the returns (it starts at 0) puts every state in D+. There is no continuation head (the
 paper names none), so imagined trajectories never end: every c_t is 1.
 
 The stage starts from the agent stage (``init_from``) of the run in ``stages.imagination.reads_from``
@@ -46,6 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(m, "lambda_", 0.0, 1.0, prefix="imagination.")
   config_lib.check_range(m, "alpha", 0.0, 1.0, prefix="imagination.")
   config_lib.check_at_least(m, 0.0, "beta", prefix="imagination.")
+  config_lib.check_at_least(m, 0, "value_warmup_steps", prefix="imagination.")
   config_lib.check(m.context_frames + m.horizon + 1 <= config.agent.window_len * 2, "imagination.horizon",
                    f"context_frames + horizon + 1 = {m.context_frames + m.horizon + 1} frames in one "
                    f"cache: keep them within twice the trained window ({config.agent.window_len})")
@@ -104,8 +107,10 @@ def imagine(model, params, context, actions, labelled, tasks, rng, *, horizon: i
           "inputs": jnp.concatenate([noisy_context, move(records["input"])], axis=1)}
 
 
-def rl_loss(model, params, batch, *, prior_params, gamma: float, lambda_: float, alpha: float, beta: float):
-  """(loss, metrics) of PMPO and the value regression on an imagined batch (``imagine``'s)."""
+def rl_loss(model, params, batch, *, prior_params, gamma: float, lambda_: float, alpha: float, beta: float,
+            policy_weight=1.0):
+  """(loss, metrics) of PMPO and the value regression on an imagined batch (``imagine``'s);
+  ``policy_weight`` scales PMPO's term (0 while the value warms up)."""
   features = jax.lax.stop_gradient(batch["agent"])
   heads = model.apply({"params": params}, features, method=model.agent_heads)
   prior = model.apply({"params": prior_params}, features, method=model.agent_heads)
@@ -122,8 +127,9 @@ def rl_loss(model, params, batch, *, prior_params, gamma: float, lambda_: float,
              "imagined_return": jnp.mean(lambda_return[:, 0]),
              "imagined_reward_per_step": jnp.mean(batch["rewards"][:, 1:]),
              "value": jnp.mean(batch["values"][:, :-1]),
+             "policy_weight": jnp.asarray(policy_weight, jnp.float32),
              **{f"pmpo/{k}": v for k, v in policy_metrics.items()}}
-  return policy_loss + value_loss, metrics
+  return policy_weight * policy_loss + value_loss, metrics
 
 
 def world_model_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -176,12 +182,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
                        num_steps=trained.rollout.num_steps, context_signal=trained.rollout.context_signal)
     return jax.lax.stop_gradient({k: imagined[k] for k in ("agent", "actions", "rewards", "values")})
 
-  def loss(params, batch, rng, frozen):
+  def loss(params, batch, rng, frozen, step):
     del rng
     return rl_loss(model, params, batch, prior_params=frozen["prior"], gamma=m.gamma, lambda_=m.lambda_,
-                   alpha=m.alpha, beta=m.beta)
+                   alpha=m.alpha, beta=m.beta, policy_weight=(step >= m.value_warmup_steps).astype(jnp.float32))
 
   return stages.Stage(name="imagination", config=config, init_params=init_params, loss=loss,
                       make_data=make_data, abstract_batch=abstract_batch, make_batch=make_batch,
-                      frozen={"prior": stages.Frozen(stage="agent", init_params=init_params)})
+                      frozen={"prior": stages.Frozen(stage="agent", init_params=init_params)},
+                      loss_reads_step=True)
 

@@ -4,19 +4,20 @@ trunk's registry (``jaxai.stages.REGISTRY``).
 Stages (``config.stages``): ``tokenizer`` (``tokenizer_stage``), ``dynamics`` on the frozen
 tokenizer's latents (``dynamics_stage``), both in turn with ``stage=all``; ``agent``
 (``agent_stage``), the agent's finetuning from the dynamics checkpoint, and ``imagination``
-(``imagination``), its RL in the frozen world model, both run by name for now; and
-``synthetic_actions`` (``synthetic_actions``), a diagnostic of the dynamics objective run only by
-name.
+(``imagination``), its RL in the frozen world model, both run by name for now; ``pixel_bc``
+(``pixel_bc``), the agent's baseline: behaviour cloning from pixels without a world model, run by
+name; and ``synthetic_actions`` (``synthetic_actions``), a diagnostic of the dynamics objective
+run only by name.
 """
 import ml_collections
 
 from jaxai import config_lib, stages
-from jaxai.world_model import agent_stage, data, dynamics_stage, imagination, synthetic_actions
-from jaxai.world_model import tokenizer_stage
+from jaxai.world_model import agent_stage, data, dynamics_stage, imagination, pixel_bc
+from jaxai.world_model import synthetic_actions, tokenizer_stage
 
 BUILDERS = {"tokenizer": tokenizer_stage.build, "dynamics": dynamics_stage.build,
             "synthetic_actions": synthetic_actions.build, "agent": agent_stage.build,
-            "imagination": imagination.build}
+            "imagination": imagination.build, "pixel_bc": pixel_bc.build}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -28,8 +29,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = stages.selected(config)
   if set(names) & {"dynamics", "synthetic_actions", "agent", "imagination"}:
     dynamics_stage.validate(config)
-  if set(names) & {"agent", "imagination"}:
+  if set(names) & {"agent", "imagination", "pixel_bc"}:
     agent_stage.validate(config)
+  if "pixel_bc" in names:
+    pixel_bc.validate(config)
   if "imagination" in names:
     imagination.validate(config)
   config_lib.check_positive(config, "synthetic_actions.eval_sequences")

@@ -18,10 +18,10 @@ def test_language_model_gives_same_loss_and_grads_with_xla_and_pallas_attention(
   for impl in ("xla", "pallas"):
     config = ml_collections.ConfigDict(dict(model=model_cfg, attention_impl=impl, compute_dtype="float32"))
     model = lm.make_model(config)
-    params = nn.unbox(model.init(jax.random.key(1), tokens[:, :-1])["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens[:, :-1])["params"])
     loss_fn = lambda p: lm.next_token_loss(model, p, {"tokens": tokens}, None)[0]  # pylint: disable=cell-var-from-loop
     with jax.default_matmul_precision("highest"):
-      results.append(jax.value_and_grad(loss_fn)(params))
+      results.append(jax.jit(jax.value_and_grad(loss_fn))(params))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, config_of
+from conftest import REPO_ROOT, config_of, subprocess_env
 from jaxai import main as main_lib
 from jaxai import stages
 from jaxai.lm import task
 
 
 def run_module(module, args, *, devices=2, timeout=300):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = subprocess_env(devices)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 

@@ -5,7 +5,6 @@ the scanned stack against that loop with its parameters stacked by hand, and jax
 contract that rematerialisation changes no value or gradient.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ BLOCK = transformer.BlockConfig(width=16, num_heads=2, num_kv_heads=1, head_dim=
 FRAME = 2  # tokens per frame of the block-causal layers
 B, T = 2, 8
 # Tiny programs: XLA's backend optimisations cost compile time and save no run time here.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 class Loop(nn.Module):
@@ -56,7 +54,7 @@ def inputs():
 
 
 def init(model, x, positions):
-  return nn.unbox(model.init(jax.random.key(1), x, positions)["params"])
+  return nn.unbox(jax.jit(model.init)(jax.random.key(1), x, positions)["params"])
 
 
 def random_params(model, x, positions):
@@ -99,7 +97,7 @@ def test_unscanned_stack_has_the_loops_parameters_init_and_outputs():
   x, positions = inputs()
   loop, stack = Loop(BLOCK, 3, (None, FRAME)), Stacked(BLOCK, 3, (None, FRAME))
 
-  @fast_jit
+  @jax.jit
   def both():  # one program: another one may round an initialiser differently
     params, stack_params = init(loop, x, positions), init(stack, x, positions)
     return params, stack_params, loop.apply({"params": params}, x, positions), stack.apply(
@@ -142,7 +140,7 @@ def fixture_reference():
   x, positions = inputs()
   loop = Loop(BLOCK, LAYERS, PATTERN)
   params = random_params(loop, x, positions)
-  return dict(params=params, loss_and_grads=fast_jit(lambda p: loss_and_grads(loop, p, x, positions))(params))
+  return dict(params=params, loss_and_grads=jax.jit(lambda p: loss_and_grads(loop, p, x, positions))(params))
 
 
 def assert_matches_reference(got, reference, scanned):
@@ -172,7 +170,7 @@ def test_scanned_and_rematerialised_stacks_give_the_loops_loss_and_gradients(ref
   x, positions = inputs()
   model = Stacked(dataclasses.replace(BLOCK, remat=policy, scan_layers=scan), LAYERS, PATTERN)
   params = restack(reference["params"], LAYERS, len(PATTERN)) if scan else reference["params"]
-  got = fast_jit(lambda: loss_and_grads(model, params, x, positions))()
+  got = jax.jit(lambda: loss_and_grads(model, params, x, positions))()
   assert_matches_reference(got, reference, scanned=scan)
 
 
@@ -186,7 +184,7 @@ def test_scanned_cache_in_chunks_equals_the_loop_over_the_whole_sequence(referen
   cache = transformer.init_stack_cache(scanned.config, LAYERS, B, T)
   assert cache["key"].shape == (LAYERS, B, 1, T, 8) and cache["index"].shape == (LAYERS,)
 
-  @fast_jit
+  @jax.jit
   def chunked(cache):
     expected = Loop(BLOCK, LAYERS, (FRAME,)).apply({"params": params}, x, positions)
     outs = []

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_main
+from conftest import REPO_ROOT, run_main, subprocess_env
 
 TINY = ["--config=configs/lm.py:tiny"]
 
@@ -66,7 +66,7 @@ def test_two_processes_match_one_process(tmp_path):
   """jax.distributed on localhost: 2 processes x 1 device vs 1 process x 2 devices."""
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = subprocess_env(devices=1)
   workdir = tmp_path / "multi"
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jaxai.main", *TINY, f"--workdir={workdir}",

@@ -27,8 +27,7 @@ CONFIG = dynamics.DynamicsConfig(block=BLOCK, num_layers=4, num_latents=4, laten
 B, T, N, C = 2, 4, CONFIG.num_latents, CONFIG.latent_channels
 # Compile time dominates these tests on CPU: XLA's backend optimisations make the tiny programs
 # several times slower to compile and no faster to run. Nested jits (the library's) compile as
-# part of the outer program, so wrapping a call in fast_jit covers them too.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+# part of the outer program, so wrapping a call in jax.jit covers them too.
 
 
 def frame_inputs(seed, b=B, t=T):
@@ -36,7 +35,7 @@ def frame_inputs(seed, b=B, t=T):
   return _frame_inputs(jax.random.key(seed), b, t)
 
 
-@functools.partial(fast_jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _frame_inputs(key, b, t):
   keys = jax.random.split(key, 4)
   latents = jax.random.normal(keys[0], (b, t, N, C))
@@ -58,7 +57,7 @@ def fixture_model_and_params(request):
 def model_and_params_of(variant):
   layout, _, previous_frame = variant.partition("+")
   model = dynamics.Dynamics(dataclasses.replace(CONFIG, layout=layout, previous_frame=bool(previous_frame)))
-  params = nn.unbox(fast_jit(model.init)(jax.random.key(0), *frame_inputs(0))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *frame_inputs(0))["params"])
   if previous_frame:  # the copy gate starts at 0; a trained one is not, and must keep causality too
     params["copy_gate"] = jax.random.normal(jax.random.key(1), params["copy_gate"].shape)
   return model, params
@@ -67,7 +66,7 @@ def model_and_params_of(variant):
 @pytest.fixture(scope="module", name="apply")
 def fixture_apply(model_and_params):
   model, params = model_and_params
-  return fast_jit(lambda *args: model.apply({"params": params}, *args))
+  return jax.jit(lambda *args: model.apply({"params": params}, *args))
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -108,9 +107,9 @@ def test_single_image_sequences_predict_each_frame_as_if_alone(apply):
 def test_previous_frame_output_adds_the_gated_previous_latents_times_one_minus_tau():
   model = dynamics.Dynamics(dataclasses.replace(CONFIG, previous_frame=True))
   latents, tau, step, actions, labelled = frame_inputs(4)
-  params = nn.unbox(fast_jit(model.init)(jax.random.key(0), latents, tau, step, actions)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), latents, tau, step, actions)["params"])
   gate = jax.random.normal(jax.random.key(1), params["copy_gate"].shape)
-  apply = fast_jit(lambda p: model.apply({"params": p}, latents, tau, step, actions, labelled))
+  apply = jax.jit(lambda p: model.apply({"params": p}, latents, tau, step, actions, labelled))
   copied = apply({**params, "copy_gate": gate}) - apply({**params, "copy_gate": jnp.zeros_like(gate)})
   tau = np.asarray(tau)
   level = np.clip(np.round(tau * K_MAX), 0, K_MAX - 1).astype(int)  # frame t - 1's level
@@ -133,9 +132,9 @@ def test_cached_attention_in_chunks_equals_full_causal_attention():
   layer = attention.Attention(num_heads=4, num_kv_heads=2, head_dim=8, soft_cap=20.0, frame_size=1)
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
   positions = jnp.arange(6)[None]
-  params = fast_jit(layer.init)(jax.random.key(1), x, positions)
+  params = jax.jit(layer.init)(jax.random.key(1), x, positions)
 
-  @fast_jit
+  @jax.jit
   def full_and_chunked(params, x):
     cache, outs = attention.init_kv_cache(2, 8, 2, 8), []  # 8 > 6: an unwritten tail to hide
     for start, stop in ((0, 2), (2, 3), (3, 6)):
@@ -155,7 +154,7 @@ def test_cached_rollout_equals_uncached_rollout(model_and_params):
   action_mask = jnp.array([[True] * 4, [True, False, True, False]])
   kwargs = dict(num_steps=2, context_signal=0.9, action_mask=action_mask)
 
-  @fast_jit
+  @jax.jit
   def both(actions):
     return (rollout.rollout(model, params, context, actions, jax.random.key(7), **kwargs),
             rollout.rollout_uncached(model, params, context, actions, jax.random.key(7), **kwargs))
@@ -173,7 +172,7 @@ def test_a_call_that_commits_its_first_frame_leaves_the_cache_as_if_only_that_fr
   latents, tau, step, actions, labelled = frame_inputs(8, t=4)
   apply = lambda *args, **kwargs: model.apply({"params": params}, *args, **kwargs)
 
-  @fast_jit
+  @jax.jit
   def cached_then_uncached():
     frames = lambda lo, hi: (latents[:, lo:hi], tau[:, lo:hi], step[:, lo:hi], actions[:, lo:hi],
                              labelled[:, lo:hi])
@@ -228,7 +227,7 @@ def test_scanned_and_rematerialised_layers_give_the_same_outputs_and_gradients(v
         model.apply({"params": p}, latents, tau, step, actions, labelled, single_image) - target))
     return jax.value_and_grad(loss)(params)
 
-  (loss, grads), (got_loss, got_grads) = fast_jit(lambda: (
+  (loss, grads), (got_loss, got_grads) = jax.jit(lambda: (
       loss_and_grads(model, params),
       loss_and_grads(with_block(model, scan_layers=True, remat=remat), stacked(model, params))))()
   np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
@@ -249,7 +248,7 @@ def test_scanned_rollout_with_its_stacked_cache_equals_the_unscanned_rollout(var
   context = jnp.tanh(jax.random.normal(jax.random.key(5), (B, 2, N, C)))
   actions = jax.random.randint(jax.random.key(6), (B, 4), 0, CONFIG.num_actions)
   kwargs = dict(num_steps=2, context_signal=0.9, action_mask=jnp.array([[True] * 4, [True, False] * 2]))
-  both = fast_jit(lambda: (
+  both = jax.jit(lambda: (
       rollout.rollout(model, params, context, actions, jax.random.key(7), **kwargs),
       rollout.rollout(scanned, stacked(model, params), context, actions, jax.random.key(7), **kwargs)))
   unscanned_frames, scanned_frames = both()
@@ -332,7 +331,7 @@ def loss_problem(seed, *, all_d_min=False):
   return _loss_problem(jax.random.key(seed), all_d_min)
 
 
-@functools.partial(fast_jit, static_argnums=1)
+@functools.partial(jax.jit, static_argnums=1)
 def _loss_problem(key, all_d_min):
   keys = jax.random.split(key, 4)
   z1 = jnp.tanh(jax.random.normal(keys[0], (B, T, N, C)))
@@ -359,8 +358,8 @@ def test_loss_and_its_gradient_match_the_paper_formula():
     losses = paper_frame_losses(toy_predictor(theta), z1, z0, tau, step, mask, 1 / K_MAX)
     return jnp.sum(losses), losses
 
-  (_, got), grad = fast_jit(jax.value_and_grad(ours, has_aux=True))(theta)
-  (_, want), want_grad = fast_jit(jax.value_and_grad(paper, has_aux=True))(theta)
+  (_, got), grad = jax.jit(jax.value_and_grad(ours, has_aux=True))(theta)
+  (_, want), want_grad = jax.jit(jax.value_and_grad(paper, has_aux=True))(theta)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)  # half steps are stop-gradient
 
@@ -379,13 +378,13 @@ def test_an_ema_teacher_takes_the_half_steps_and_gets_no_gradient():
                                 teacher=toy_predictor(teacher_theta))
     return jnp.sum(losses), losses
 
-  (_, got), (grad, teacher_grad) = fast_jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(
+  (_, got), (grad, teacher_grad) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(
       theta, teacher_theta)
-  (_, want), want_grad = fast_jit(jax.value_and_grad(paper, has_aux=True))(theta)
+  (_, want), want_grad = jax.jit(jax.value_and_grad(paper, has_aux=True))(theta)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
   np.testing.assert_array_equal(teacher_grad, 0.0)
-  (_, online), _ = fast_jit(jax.value_and_grad(ours, has_aux=True))(theta, theta)
+  (_, online), _ = jax.jit(jax.value_and_grad(ours, has_aux=True))(theta, theta)
   assert not np.allclose(online, got)  # the teacher's parameters matter
 
 
@@ -418,7 +417,7 @@ def small_model_batch_and_params(impl="xla"):
   batch = {"latents": jnp.tanh(jax.random.normal(keys[0], (B, T, N, C))),
            "actions": jax.random.randint(keys[1], (B, T), 0, CONFIG.num_actions),
            "action_mask": jnp.ones((B, T), bool).at[:, 0].set(False)}
-  params = nn.unbox(fast_jit(model.init)(keys[2], *frame_inputs(0))["params"])
+  params = nn.unbox(jax.jit(model.init)(keys[2], *frame_inputs(0))["params"])
   return model, batch, params
 
 
@@ -431,7 +430,7 @@ def test_dynamics_loss_and_grads_agree_with_xla_and_pallas_kernels():
     model, batch, params = small_model_batch_and_params(impl)
     loss_fn = lambda p: shortcut_forcing.dynamics_loss(model, p, batch, jax.random.key(1))  # pylint: disable=cell-var-from-loop
     with jax.default_matmul_precision("highest"):
-      results.append(fast_jit(jax.value_and_grad(loss_fn, has_aux=True))(params))
+      results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params))
   (xla_loss, xla_metrics), xla_grads = results[0]
   (pallas_loss, pallas_metrics), pallas_grads = results[1]
   np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-5)
@@ -447,7 +446,7 @@ def test_next_frames_weigh_one_in_the_loss_and_the_others_the_ramp():
   model, batch, params = small_model_batch_and_params()
   model = dynamics.Dynamics(dataclasses.replace(model.config, shortcut=False, next_frame_fraction=0.5))
   key = jax.random.key(3)
-  loss, metrics = fast_jit(lambda p: shortcut_forcing.dynamics_loss(model, p, batch, key))(params)
+  loss, metrics = jax.jit(lambda p: shortcut_forcing.dynamics_loss(model, p, batch, key))(params)
   # The draws dynamics_loss makes from its key: (tau and d, noise, single images).
   tau_key, noise_key, _ = jax.random.split(key, 3)
   tau, step, is_next = noise_levels.training_frames(
@@ -456,7 +455,7 @@ def test_next_frames_weigh_one_in_the_loss_and_the_others_the_ramp():
   assert is_next.any() and not is_next.all()
   z1 = batch["latents"]
   z_tau = shortcut_forcing.corrupt(z1, jax.random.normal(noise_key, z1.shape), tau)
-  predicted = fast_jit(lambda p: model.apply({"params": p}, z_tau, tau, step, batch["actions"],
+  predicted = jax.jit(lambda p: model.apply({"params": p}, z_tau, tau, step, batch["actions"],
                                              batch["action_mask"]))(params)
   mse = np.mean((np.asarray(predicted) - np.asarray(z1)) ** 2, axis=(2, 3))
   weight = np.where(is_next, 1.0, 0.9 * np.asarray(tau) + 0.1)
@@ -469,7 +468,7 @@ def test_a_few_optimizer_steps_lower_the_dynamics_loss():
   loss_fn = functools.partial(shortcut_forcing.dynamics_loss, model, single_image_fraction=0.3)
   optimizer = optax.adam(3e-3)
 
-  @fast_jit
+  @jax.jit
   def train_step(params, opt_state, key):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
     updates, opt_state = optimizer.update(grads, opt_state, params)

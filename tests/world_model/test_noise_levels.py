@@ -11,10 +11,9 @@ from jaxai.world_model import dynamics_stage, noise_levels
 
 K_MAX = 8
 F = fractions.Fraction
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-@functools.partial(fast_jit, static_argnums=(1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _frames(key, shape, k_max, distribution, context_fraction, next_frame_fraction, context_signal):
   return noise_levels.training_frames(key, shape, k_max=k_max, distribution=distribution,
                                       context_fraction=context_fraction,

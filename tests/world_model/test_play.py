@@ -4,7 +4,6 @@ the play server and the rollout GIF command, on tiny models.
 The interactive world is checked against an independent reference: the library's tested
 ``rollout.rollout`` and the tokenizer's encode and decode, called directly.
 """
-import functools
 import io
 import json
 import os
@@ -21,22 +20,20 @@ import portpicker
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, config_of
+from conftest import REPO_ROOT, config_of, subprocess_env
 from jaxai import host
 from jaxai.craftax import env as craftax_env
+from jaxai.craftax import evaluation
 from jaxai.world_model import dynamics as dynamics_lib
 from jaxai.world_model import realtime, rollout
 from jaxai.world_model.play import server
 
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 FRAME = (63, 63, 3)
 
 
 
 def _subprocess_env():
-  # One device; compile-time optimisations off, as fast_jit does in-process (compilation dominates).
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+  return subprocess_env(devices=1)
 
 
 @pytest.fixture(scope="module", name="models")
@@ -59,7 +56,7 @@ def test_steps_are_rollout_then_decode(models):
   # The action into generated frame t is the one taken after frame t - 1.
   got = np.stack([world.step(int(a)) for a in dataset_actions[num_context - 1:-1]])
 
-  @fast_jit
+  @jax.jit
   def reference(frames, dataset_actions):
     latents = tokenizer.apply({"params": tokenizer_params}, frames[:, None], method=tokenizer.encode)
     actions, labelled = dynamics_lib.actions_into_frames(dataset_actions[None],
@@ -141,6 +138,64 @@ def test_play_server_answers_key_presses_with_frames(models):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), _context(3, 2, 2)[0][-1])
     with pytest.raises(urllib.error.HTTPError, match="400"):
       _post(url + "/step", {"action": 17})
+    with pytest.raises(urllib.error.HTTPError, match="404"):  # no agent given
+      _post(url + "/agent/real", {})
+  finally:
+    page.shutdown()
+    page.server_close()
+
+
+class _ScriptedAgent:
+  """A one-slot stand-in for the agent: plays ``actions`` in turn, counting its resets."""
+
+  def __init__(self, actions):
+    self.actions, self.played, self.resets = list(actions), 0, []
+
+  def reset(self, slots, world_seeds):
+    self.resets.append((list(slots), list(world_seeds)))
+
+  def act(self, frames, views, active):
+    assert frames.shape == (1, *FRAME) and frames.dtype == np.uint8 and active.tolist() == [True]
+    self.played += 1
+    return np.asarray([self.actions[(self.played - 1) % len(self.actions)]])
+
+
+def test_play_server_agent_modes_play_the_imagined_world_and_the_real_game(models):
+  """The agent's imagined world answers its actions as the same world played by hand does; its real
+  game is the first evaluation world stepped with its actions, with its rewards summed."""
+  world = realtime.ImaginedWorld(*models, num_steps=1, context_signal=0.9, max_context_frames=4)
+  twin = realtime.ImaginedWorld(*models, num_steps=1, context_signal=0.9, max_context_frames=4)
+  imagined, real = _ScriptedAgent([5, 1]), _ScriptedAgent([5, 2, 3])  # do, left; do, right, up
+  agent = server.AgentWatch(imagined, real)
+  page = server.make_server(world, lambda: _context(3, 2, 2), agent=agent, port=portpicker.pick_unused_port())
+  thread = threading.Thread(target=page.serve_forever, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{page.server_address[1]}"
+  frames, actions = _context(3, 2, 2)
+  twin.start(frames, actions, seed=1)  # the server's second start (the first compiled its step)
+  seed = int(evaluation.world_seeds(1)[0])
+  game = craftax_env.ParallelCraftax(1)
+  game.reset_slot(0, seed)
+  try:
+    with urllib.request.urlopen(url + "/", timeout=60) as response:
+      assert "AGENT = true" in response.read().decode()
+    for action in (5, 1):
+      body, headers = _post(url + "/agent/imagined", {})
+      assert headers["X-Action"] == craftax_env.ACTIONS[action]
+      np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), twin.step(action))
+    total = 0.0
+    for step, action in enumerate((5, 2, 3, 5), start=1):
+      body, headers = _post(url + "/agent/real", {})
+      expected, rewards, _, _ = game.step(np.asarray([action]))
+      total += float(rewards[0])
+      np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), expected[0])
+      assert headers["X-Action"] == craftax_env.ACTIONS[action] and headers["X-Step"] == str(step)
+      assert headers["X-World-Seed"] == str(seed) and headers["X-Episode"] == "0"
+      assert float(headers["X-Return"]) == pytest.approx(total)
+    _, headers = _post(url + "/agent/real", {"reset": True})  # the next evaluation world
+    assert headers["X-Episode"] == "1" and headers["X-Step"] == "1"
+    assert [r[1] for r in real.resets] == [[seed], [int(evaluation.world_seeds(2)[1])]]
+    assert len(imagined.resets) == 1  # no one else played the imagined world in between
   finally:
     page.shutdown()
     page.server_close()

@@ -4,7 +4,6 @@ References are independent: masks built token by token from the paper's sentence
 image-gradient loss recomputed in float64 numpy, drop rates against the U(0, 0.9) law.
 """
 import dataclasses
-import functools
 import json
 import os
 
@@ -343,9 +342,7 @@ def test_scanned_and_rematerialised_stacks_give_the_same_loss_and_gradients():
       return jnp.mean(jnp.square(recon - frames / 255.0))
     return jax.value_and_grad(loss)(params)
 
-  # XLA's backend optimisations make this program several times slower to compile, no faster to run.
-  (loss, grads), (got_loss, got_grads) = functools.partial(
-      jax.jit, compiler_options={"xla_backend_optimization_level": 0})(lambda: (
+  (loss, grads), (got_loss, got_grads) = jax.jit(lambda: (
           loss_and_grads(model, params),
           loss_and_grads(with_block(scan_layers=True, remat="dots"), stacked(params))))()
   np.testing.assert_allclose(got_loss, loss, rtol=1e-5)

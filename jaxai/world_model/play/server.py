@@ -3,6 +3,13 @@
 Routes: GET / (``page.html``, with the key map filled in), GET /frame (the current frame), POST
 /step with {"action": int} and POST /reset (a new context): both answer the new frame as
 image/png, with the server's time for it in X-Step-Ms.
+
+With an agent (``AgentWatch``), two more: POST /agent/imagined (the agent picks the action on the
+current imagined frame and the world takes it) and POST /agent/real (the agent plays one step of
+the real game, a world of its own; ``{"reset": true}`` starts its next episode). Both answer the
+new frame, with the action's name in X-Action; the real game adds X-Reward, X-Return, X-Step
+(frames into the episode), X-Episode, X-World-Seed and X-Done (the episode ended; the next
+request starts the next one).
 """
 import http.server
 import json
@@ -13,6 +20,7 @@ import time
 import numpy as np
 
 from jaxai.craftax import env as craftax_env
+from jaxai.craftax import evaluation
 from jaxai.world_model import images, realtime
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -32,18 +40,65 @@ def key_map() -> dict[str, int]:
   return {key: craftax_env.ACTIONS.index(name) for key, name in KEY_ACTIONS.items()}
 
 
-def page() -> bytes:
+def page(with_agent: bool = False) -> bytes:
   with open(PAGE, encoding="utf-8") as f:
     text = f.read()
   return (text.replace("__KEYS__", json.dumps(key_map()))
-          .replace("__ACTIONS__", json.dumps(list(craftax_env.ACTIONS))).encode())
+          .replace("__ACTIONS__", json.dumps(list(craftax_env.ACTIONS)))
+          .replace("__AGENT__", json.dumps(with_agent)).encode())
 
 
-def make_server(world: realtime.ImaginedWorld, next_context, *, host: str = "127.0.0.1", port: int = 8000,
-                seed: int = 0) -> http.server.ThreadingHTTPServer:
+class AgentWatch:
+  """An agent watched on the page, in the imagined world and in the real game.
+
+  ``imagined`` and ``real`` are two one-slot agents (``agent_player.AgentPlayer``, or any
+  ``evaluation.Policy`` on one slot), each keeping its own context. The agent in the imagined world
+  starts its context afresh whenever the person played in between (it sees the imagined frames,
+  not the held-out context they started from). The real game plays the evaluation worlds in
+  order (``evaluation.world_seeds``), so its episode i is ``evaluate_agent``'s episode i, until
+  ``max_episode_len`` frames or the end of the game.
+  """
+
+  def __init__(self, imagined, real, *, max_episode_len: int = 10_000):
+    self.imagined, self.real, self.max_episode_len = imagined, real, max_episode_len
+    self.game = craftax_env.ParallelCraftax(1)
+    self.imagined_in_sync = False
+    self.episode = -1
+    self.start_episode()
+
+  def start_episode(self) -> None:
+    self.episode += 1
+    self.world_seed = int(evaluation.world_seeds(self.episode + 1)[self.episode])
+    self.frame, view = self.game.reset_slot(0, self.world_seed)
+    self.real.reset(np.zeros(1, np.int64), np.asarray([self.world_seed]))
+    self._view, self.steps, self.episode_return, self.done = view, 0, 0.0, False
+
+  def imagined_step(self, world: realtime.ImaginedWorld, frame: np.ndarray) -> tuple[np.ndarray, int]:
+    """The agent's action on the imagined ``frame``, and the frame the world answers it with."""
+    if not self.imagined_in_sync:
+      self.imagined.reset(np.zeros(1, np.int64), np.asarray([0]))
+      self.imagined_in_sync = True
+    action = int(self.imagined.act(np.asarray(frame)[None], None, np.ones(1, bool))[0])
+    return world.step(action), action
+
+  def real_step(self) -> tuple[np.ndarray, int, float]:
+    """One step of the real game (a new episode first if the last one ended): (frame, action, reward)."""
+    if self.done:
+      self.start_episode()
+    action = int(self.real.act(self.frame[None], self._view, np.ones(1, bool))[0])
+    frames, rewards, terminals, self._view = self.game.step(np.asarray([action]))
+    self.frame, self.steps = frames[0], self.steps + 1
+    self.episode_return += float(rewards[0])
+    self.done = bool(terminals[0]) or self.steps >= self.max_episode_len
+    return self.frame, action, float(rewards[0])
+
+
+def make_server(world: realtime.ImaginedWorld, next_context, *, agent: AgentWatch | None = None,
+                host: str = "127.0.0.1", port: int = 8000, seed: int = 0) -> http.server.ThreadingHTTPServer:
   """A server (not yet serving) for the interactive page; starts ``world`` from ``next_context()``.
 
-  next_context() -> (uint8 frames [T, H, W, C], int actions [T], dataset convention).
+  next_context() -> (uint8 frames [T, H, W, C], int actions [T], dataset convention). With
+  ``agent`` the page gains the agent's two modes.
   """
   lock = threading.Lock()  # one world, played by one request at a time
   state = {"resets": 0}
@@ -53,11 +108,13 @@ def make_server(world: realtime.ImaginedWorld, next_context, *, host: str = "127
     world.start(frames, actions, seed=seed + state["resets"])
     state["resets"] += 1
     state["frame"] = np.asarray(frames[-1])
+    if agent is not None:
+      agent.imagined_in_sync = False
 
   reset()
   world.step(0)  # compiles the step before the first key press, then starts afresh
   reset()
-  body_of_page = page()
+  body_of_page = page(agent is not None)
 
   class Handler(http.server.BaseHTTPRequestHandler):
 
@@ -83,8 +140,35 @@ def make_server(world: realtime.ImaginedWorld, next_context, *, host: str = "127
       else:
         self._send(404, b"not found", "text/plain")
 
+    def _agent_post(self, body: bytes):
+      start = time.perf_counter()
+      if self.path == "/agent/imagined":
+        state["frame"], action = agent.imagined_step(world, state["frame"])
+        frame, headers = state["frame"], []
+      else:
+        try:
+          if json.loads(body or b"{}").get("reset"):
+            agent.done = True  # the step below starts the next episode
+        except (ValueError, AttributeError):
+          self._send(400, b'the body must be a JSON object such as {"reset": true}', "text/plain")
+          return
+        frame, action, reward = agent.real_step()
+        headers = [("X-Reward", f"{reward:g}"), ("X-Return", f"{agent.episode_return:g}"),
+                   ("X-Step", str(agent.steps)), ("X-Episode", str(agent.episode)),
+                   ("X-World-Seed", str(agent.world_seed)), ("X-Done", str(agent.done).lower())]
+      ms = (time.perf_counter() - start) * 1e3
+      self._send(200, images.png_bytes(frame), "image/png",
+                 [("X-Step-Ms", f"{ms:.1f}"), ("X-Action", craftax_env.ACTIONS[action]), *headers])
+
     def do_POST(self):  # pylint: disable=invalid-name
       body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+      if self.path in ("/agent/imagined", "/agent/real"):
+        if agent is None:
+          self._send(404, b"no agent: start the page with --agent=agent or --agent=imagination", "text/plain")
+          return
+        with lock:
+          self._agent_post(body)
+        return
       if self.path not in ("/step", "/reset"):
         self._send(404, b"not found", "text/plain")
         return
@@ -102,6 +186,8 @@ def make_server(world: realtime.ImaginedWorld, next_context, *, host: str = "127
             self._send(400, message.encode(), "text/plain")
             return
           state["frame"] = world.step(action)
+          if agent is not None:
+            agent.imagined_in_sync = False  # the person played: the agent's context missed frames
         ms = (time.perf_counter() - start) * 1e3
         self._send(200, images.png_bytes(state["frame"]), "image/png", [("X-Step-Ms", f"{ms:.1f}")])
 
