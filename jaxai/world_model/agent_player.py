@@ -40,6 +40,22 @@ from jaxai.world_model import shortcut_forcing
 STAGES = ("agent", "imagination")  # after finetuning (BC), after RL in imagination
 
 
+def episode_key_data(rng, world_seed: int) -> np.ndarray:
+  """The raw key of one episode's randomness: the player's key folded with its world seed, so an
+  episode's draws do not depend on the slot that plays it."""
+  return np.asarray(jax.random.key_data(jax.random.fold_in(rng, int(world_seed))))
+
+
+def step_keys(key_data, step):
+  """(noise key, sampling key) of frame ``step`` of the episode of ``key_data`` (traceable)."""
+  return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), step))
+
+
+def choose_action(logits, sample_key, greedy: bool):
+  """The most likely action, or one sampled from ``logits`` [A]; int32."""
+  return (jnp.argmax(logits) if greedy else jax.random.categorical(sample_key, logits)).astype(jnp.int32)
+
+
 def load_agent(config: ml_collections.ConfigDict, workdir: str, stage: str = "agent"):
   """(config as trained, tokenizer, tokenizer params, agent dynamics model, its params) of the
   agent as ``stage`` (of ``STAGES``) in ``workdir`` left it, computing in ``rollout.compute_dtype``.
@@ -109,7 +125,7 @@ class AgentPlayer:
     slots = np.asarray(slots, np.int64).reshape(-1)
     seeds = slots if world_seeds is None else np.asarray(world_seeds, np.int64).reshape(-1)
     for slot, world_seed in zip(slots, seeds):
-      self.episode_keys[slot] = np.asarray(jax.random.key_data(jax.random.fold_in(self._rng, int(world_seed))))
+      self.episode_keys[slot] = episode_key_data(self._rng, world_seed)
       self.episode_steps[slot] = 0
       self._set_cache(slot, self._empty)
       self.cached[slot] = 0
@@ -155,12 +171,11 @@ class AgentPlayer:
     latents = realtime.encode_frames(self.tokenizer, tokenizer_params, frames).astype(jnp.float32)
 
     def slot(cache, z, action, is_labelled, key_data, step):
-      noise_key, sample_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), step))
+      noise_key, sample_key = step_keys(key_data, step)
       out = self._one_pass(params, cache, z[None, None], action[None, None], is_labelled[None, None],
                            noise_key)
       logits = out["policy"][0, 0, 0]
-      chosen = jnp.argmax(logits) if self.greedy else jax.random.categorical(sample_key, logits)
-      return chosen.astype(jnp.int32), logits, out["cache"]
+      return choose_action(logits, sample_key, self.greedy), logits, out["cache"]
 
     actions, logits, caches = jax.vmap(slot)(caches, latents, last_actions, labelled, episode_keys,
                                              episode_steps)

@@ -18,8 +18,8 @@ policy loss is PMPO (``jaxai.rl.pmpo``: the advantages' signs split the states, 
 KL to the finetuned policy, a frozen copy of the agent stage's parameters); the value head learns
 the returns as symexp two-hot targets (``jaxai.rl.twohot``). For the first
 ``imagination.value_warmup_steps`` updates only the value learns: PMPO reads nothing but the signs
-of R - v, and a value still far below the returns (it starts at 0) puts every state in D+. There is no continuation head (the
-paper names none), so imagined trajectories never end: every c_t is 1.
+of R - v, and a value still far below the returns (it starts at 0) puts every state in D+. There
+is no continuation head (the paper names none), so imagined trajectories never end: every c_t is 1.
 
 The stage starts from the agent stage (``init_from``) of the run in ``stages.imagination.reads_from``
 (default this run's workdir), whose dynamics and tokenizer it uses as trained.

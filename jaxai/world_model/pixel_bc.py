@@ -34,7 +34,7 @@ from flax import linen as nn
 from jaxai import config_lib, stages
 from jaxai.craftax import env as craftax_env
 from jaxai.data import pipeline
-from jaxai.world_model import agent_stage, data, models
+from jaxai.world_model import agent_player, agent_stage, data, models
 from jaxai.world_model import dynamics as dynamics_lib
 
 FIELDS = ("frames", "actions", "is_first", "is_last")  # what a task window holds here
@@ -132,18 +132,25 @@ def recorded_steps(config: ml_collections.ConfigDict, split: str, max_episodes: 
                        episode_offsets=np.asarray(steps.episode_offsets[:episodes + 1], np.int64))
 
 
-def pixel_bc_loss(model, params, batch, rng):
-  """(NLL of the recorded actions, metrics) of task windows (``AgentWindows``' task half)."""
-  del rng
+def _per_step(model, params, batch):
+  """Per step of task windows: the NLL of the recorded action, whether it is the policy's most
+  likely one, and the mask of steps with a target (the action after an episode's last frame is
+  a placeholder)."""
   actions_into, labelled = dynamics_lib.actions_into_frames(batch["actions"], batch["is_first"])
   logits, _ = model.apply({"params": params}, batch["frames"], actions_into, labelled, batch["task"])
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
   nll = -jnp.take_along_axis(log_p, batch["actions"][..., None], axis=-1)[..., 0]
-  mask = (~batch["is_last"]).astype(jnp.float32)
+  return nll, logits.argmax(-1) == batch["actions"], ~batch["is_last"]
+
+
+def pixel_bc_loss(model, params, batch, rng):
+  """(NLL of the recorded actions, metrics) of task windows (``AgentWindows``' task half)."""
+  del rng
+  nll, hits, mask = _per_step(model, params, batch)
+  mask = mask.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(mask), 1.0)
   loss = jnp.sum(nll * mask) / count
-  top1 = jnp.sum((logits.argmax(-1) == batch["actions"]) * mask) / count
-  return loss, {"bc_nll": loss, "bc_top1": top1}
+  return loss, {"bc_nll": loss, "bc_top1": jnp.sum(hits * mask) / count}
 
 
 def make_evaluate(model, examples: dict, batch_size: int = 16):
@@ -151,11 +158,8 @@ def make_evaluate(model, examples: dict, batch_size: int = 16):
 
   @jax.jit
   def sums(params, batch):
-    actions_into, labelled = dynamics_lib.actions_into_frames(batch["actions"], batch["is_first"])
-    logits, _ = model.apply({"params": params}, batch["frames"], actions_into, labelled, batch["task"])
-    mask = ~batch["is_last"]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["actions"][..., None], axis=-1)[..., 0]
-    return {"correct": jnp.sum((logits.argmax(-1) == batch["actions"]) & mask),
+    nll, hits, mask = _per_step(model, params, batch)
+    return {"correct": jnp.sum(hits & mask),
             "nll": jnp.sum(nll * mask), "count": jnp.sum(mask),
             "action_counts": jnp.zeros(model.config.num_actions).at[batch["actions"]].add(mask)}
 
@@ -246,7 +250,7 @@ class PixelBCPlayer:
     slots = np.asarray(slots, np.int64).reshape(-1)
     seeds = slots if world_seeds is None else np.asarray(world_seeds, np.int64).reshape(-1)
     for slot, world_seed in zip(slots, seeds):
-      self.episode_keys[slot] = np.asarray(jax.random.key_data(jax.random.fold_in(self._rng, int(world_seed))))
+      self.episode_keys[slot] = agent_player.episode_key_data(self._rng, world_seed)
       self.episode_steps[slot] = 0
 
   def act(self, frames, views=None, active=None) -> np.ndarray:
@@ -268,7 +272,7 @@ class PixelBCPlayer:
     logits = logits[:, 0]
 
     def sample(key_data, step, slot_logits):
-      key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), step))[1]
-      return jnp.argmax(slot_logits) if self.greedy else jax.random.categorical(key, slot_logits)
+      _, sample_key = agent_player.step_keys(key_data, step)
+      return agent_player.choose_action(slot_logits, sample_key, self.greedy)
 
-    return jax.vmap(sample)(episode_keys, episode_steps, logits).astype(jnp.int32), logits, state
+    return jax.vmap(sample)(episode_keys, episode_steps, logits), logits, state

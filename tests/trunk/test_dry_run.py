@@ -30,9 +30,9 @@ def test_the_world_models_rl_stage_compiles_at_full_size(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_full_variant_compiles_for_a_v5e_256_slice_within_a_chips_memory(name, tmp_path):
   """The full variants are written for TPU pods: compiled for a v5e-256 slice (libtpu's topology
-  description). Without libtpu, on 8 fake CPU devices instead. (The CPU compile of full sizes is
-  covered by the RL stage's test below and the command's test; one compile per config keeps the
-  suite's time.)"""
+  description). Without libtpu, on 8 fake CPU devices instead. One compile per config keeps the
+  suite's time, so with libtpu the full variants compile on CPU devices only for the world
+  model's RL stage (the test above); the command's test compiles the tiny variant."""
   config = config_of(name, "full")
   if importlib.util.find_spec("libtpu") is None:
     records = list(dry_run.dry_run(config, str(tmp_path / "run")))

@@ -81,9 +81,10 @@ class AgentWatch:
     action = int(self.imagined.act(np.asarray(frame)[None], None, np.ones(1, bool))[0])
     return world.step(action), action
 
-  def real_step(self) -> tuple[np.ndarray, int, float]:
-    """One step of the real game (a new episode first if the last one ended): (frame, action, reward)."""
-    if self.done:
+  def real_step(self, next_episode: bool = False) -> tuple[np.ndarray, int, float]:
+    """One step of the real game, in a new episode first if the last one ended or ``next_episode``
+    asks for it: (frame, action, reward)."""
+    if self.done or next_episode:
       self.start_episode()
     action = int(self.real.act(self.frame[None], self._view, np.ones(1, bool))[0])
     frames, rewards, terminals, self._view = self.game.step(np.asarray([action]))
@@ -147,12 +148,11 @@ def make_server(world: realtime.ImaginedWorld, next_context, *, agent: AgentWatc
         frame, headers = state["frame"], []
       else:
         try:
-          if json.loads(body or b"{}").get("reset"):
-            agent.done = True  # the step below starts the next episode
+          next_episode = bool(json.loads(body or b"{}").get("reset"))
         except (ValueError, AttributeError):
           self._send(400, b'the body must be a JSON object such as {"reset": true}', "text/plain")
           return
-        frame, action, reward = agent.real_step()
+        frame, action, reward = agent.real_step(next_episode)
         headers = [("X-Reward", f"{reward:g}"), ("X-Return", f"{agent.episode_return:g}"),
                    ("X-Step", str(agent.steps)), ("X-Episode", str(agent.episode)),
                    ("X-World-Seed", str(agent.world_seed)), ("X-Done", str(agent.done).lower())]
