@@ -233,6 +233,11 @@ def get_config(arg=None):
       head_hidden=256, head_layers=2, mtp_length=8, twohot_bins=255,
       window_len=32,            # frames per window, in both halves of a batch
       eval_windows=64,          # held-out task windows for the heads' evaluation
+      # Memory of the running RMS that divides each term (video, BC, reward). The tokenizer's 0.99
+      # kept the zero-initialised reward head's first losses (log 255 = 5.5) in its mean square for
+      # ~300 steps, so the reward term trained at about a fifth of its weight (docs/world_model.md,
+      # "The third run"): 0.95 forgets them in ~100 steps.
+      loss_rms_decay=0.95,
   )
   c.imagination = dict(
       task="all_achievements",  # the task the agent practises (one of agent.tasks)

@@ -101,6 +101,22 @@ def fixture_tiny_world_model(tmp_path_factory):
   return config, made_once(tmp_path_factory, "tiny_world_model", lambda path: main.run(config, str(path)))
 
 
+@pytest.fixture(scope="session", name="tiny_agent")
+def fixture_tiny_agent(tmp_path_factory, tiny_world_model):
+  """The tiny world model's agent: ``configs/world_model.py:tiny`` stage ``agent`` on it, then stage
+  ``imagination``, both in one workdir (returned). Read only."""
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  _, world_model_dir = tiny_world_model
+
+  def make(path):
+    config = config_of("world_model", "tiny", stage="agent")
+    config.stages.agent.reads_from = str(world_model_dir)
+    main.run(config, str(path))
+    main.run(config_of("world_model", "tiny", stage="imagination"), str(path))
+
+  return made_once(tmp_path_factory, "tiny_agent", make)
+
+
 @pytest.fixture(name="repo_root")
 def fixture_repo_root():
   return REPO_ROOT

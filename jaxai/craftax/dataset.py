@@ -291,6 +291,12 @@ class CraftaxOfflineSplit:
     the real game from its world seed (``env.next_frame_of_every_action``)."""
     return craftax_env.next_frame_of_every_action(int(self.episodes["world_seed"][episode]), actions, step)
 
+  def continue_episode(self, episode: int, actions: np.ndarray, step: int, continuation: np.ndarray) -> dict:
+    """The real game from ``step`` of ``episode`` on, played with ``continuation`` instead of the
+    recorded actions (``env.continue_episode``: frame at ``step``, then frames, rewards, ended and
+    achievements of each continued step)."""
+    return craftax_env.continue_episode(int(self.episodes["world_seed"][episode]), actions, step, continuation)
+
   def episode(self, index: int) -> dict[str, np.ndarray]:
     """All steps of episode ``index``."""
     start = int(self.episode_offsets[index])

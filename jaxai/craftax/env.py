@@ -192,9 +192,8 @@ def slot_view(view: SymbolicView, slot: int) -> SymbolicView:
 
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps_max",))
-def _replay_and_branch(world_seed, actions, num_steps, num_steps_max: int):
-  del num_steps_max  # only fixes the padded length of ``actions`` in the compiled program
+def _replayed(world_seed, actions, num_steps):
+  """(state after ``actions[:num_steps]`` on world ``world_seed``, the episode's steps key); traced."""
   env = _shared_env()
   reset_key, steps_key = episode_keys(world_seed)
   _, state = env.reset_env(reset_key, env.default_params)
@@ -204,7 +203,14 @@ def _replay_and_branch(world_seed, actions, num_steps, num_steps_max: int):
     _, state, _, _, _ = env.step_env(jax.random.fold_in(steps_key, t), state, actions[t], env.default_params)
     return _strong(state)
 
-  state = jax.lax.fori_loop(0, num_steps, replay, state)
+  return jax.lax.fori_loop(0, num_steps, replay, state), steps_key
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps_max",))
+def _replay_and_branch(world_seed, actions, num_steps, num_steps_max: int):
+  del num_steps_max  # only fixes the padded length of ``actions`` in the compiled program
+  env = _shared_env()
+  state, steps_key = _replayed(world_seed, actions, num_steps)
 
   def branch(action):
     _, next_state, _, _, _ = env.step_env(jax.random.fold_in(steps_key, num_steps), state, action,
@@ -212,6 +218,32 @@ def _replay_and_branch(world_seed, actions, num_steps, num_steps_max: int):
     return frame_from_obs(env.get_obs(next_state))
 
   return frame_from_obs(env.get_obs(state)), jax.vmap(branch)(jnp.arange(NUM_ACTIONS))
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps_max",))
+def _replay_and_continue(world_seed, actions, num_steps, continuation, num_steps_max: int):
+  del num_steps_max
+  env = _shared_env()
+  state, steps_key = _replayed(world_seed, actions, num_steps)
+
+  def step(carry, inputs):
+    state, ended = carry
+    action, t = inputs
+    _, state, reward, done, _ = env.step_env(jax.random.fold_in(steps_key, t), state, action, env.default_params)
+    ended = ended | done
+    return (_strong(state), ended), (frame_from_obs(env.get_obs(state)), reward, ended, state.achievements)
+
+  times = num_steps + jnp.arange(continuation.shape[0])
+  _, (frames, rewards, ended, achievements) = jax.lax.scan(step, (state, jnp.bool_(False)), (continuation, times))
+  return frame_from_obs(env.get_obs(state)), frames, rewards, ended, achievements
+
+
+def _padded_actions(actions: np.ndarray, step: int, max_len: int) -> np.ndarray:
+  if not 0 <= step < max_len or step > len(actions):
+    raise ValueError(f"step {step} outside the replayable range [0, {min(len(actions), max_len - 1)}]")
+  padded = np.zeros(max_len, np.int32)
+  padded[:step] = actions[:step]
+  return padded
 
 
 def next_frame_of_every_action(world_seed: int, actions: np.ndarray, step: int,
@@ -222,10 +254,25 @@ def next_frame_of_every_action(world_seed: int, actions: np.ndarray, step: int,
   The next step uses the episode's own key for that step, so the branch of the recorded action is
   the recorded next frame, and the others are what the real game would have shown instead.
   """
-  if not 0 <= step < max_len or step > len(actions):
-    raise ValueError(f"step {step} outside the replayable range [0, {min(len(actions), max_len - 1)}]")
-  padded = np.zeros(max_len, np.int32)
-  padded[:step] = actions[:step]
-  frame, branches = _replay_and_branch(jnp.int32(world_seed), jnp.asarray(padded), jnp.int32(step),
-                                       num_steps_max=max_len)
+  frame, branches = _replay_and_branch(jnp.int32(world_seed), jnp.asarray(_padded_actions(actions, step, max_len)),
+                                       jnp.int32(step), num_steps_max=max_len)
   return np.asarray(frame), np.asarray(branches)
+
+
+def continue_episode(world_seed: int, actions: np.ndarray, step: int, continuation: np.ndarray,
+                     max_len: int = MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
+  """Replays ``actions[:step]`` on world ``world_seed``, then plays ``continuation`` [H] from there,
+  each step with the episode's own key for it (so the recorded actions give the recorded episode).
+
+  Returns ``frame`` (at ``step``, uint8 [63, 63, 3]) and, for the H frames the continuation leads to,
+  ``frames`` [H, 63, 63, 3], ``rewards`` float32 [H] (of arriving at each), ``ended`` bool [H] (the
+  game is over at that frame or before: what follows is not play) and ``achievements`` bool [H, 22].
+  """
+  if step + len(continuation) > max_len:
+    raise ValueError(f"step {step} + {len(continuation)} continued steps pass the episode limit {max_len}")
+  out = _replay_and_continue(jnp.int32(world_seed), jnp.asarray(_padded_actions(actions, step, max_len)),
+                             jnp.int32(step), jnp.asarray(np.asarray(continuation, np.int32)),
+                             num_steps_max=max_len)
+  frame, frames, rewards, ended, achievements = jax.device_get(out)
+  return {"frame": frame, "frames": frames, "rewards": rewards.astype(np.float32), "ended": ended,
+          "achievements": achievements}

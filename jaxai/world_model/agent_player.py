@@ -25,6 +25,7 @@ This object is the documented way to plug the agent into another harness: it nee
 frames and a ``reset`` when a slot's episode starts.
 """
 import collections
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +57,33 @@ def choose_action(logits, sample_key, greedy: bool):
   return (jnp.argmax(logits) if greedy else jax.random.categorical(sample_key, logits)).astype(jnp.int32)
 
 
-def load_agent(config: ml_collections.ConfigDict, workdir: str, stage: str = "agent"):
-  """(config as trained, tokenizer, tokenizer params, agent dynamics model, its params) of the
-  agent as ``stage`` (of ``STAGES``) in ``workdir`` left it, computing in ``rollout.compute_dtype``.
-  The tokenizer is the one the dynamics run that the agent started from read."""
+class AgentRun(NamedTuple):
+  """An agent as one of its stages left it, with the world-model run it was finetuned from."""
+  config: ml_collections.ConfigDict      # as trained, computing in rollout.compute_dtype
+  world_model: dynamics_stage.TrainedRun  # its tokenizer is the agent's
+  dynamics_workdir: str                  # where that run lives (its latent caches too)
+  model: dynamics_lib.Dynamics           # the dynamics model with the agent token and heads
+  params: Any
+
+
+def load_agent_run(config: ml_collections.ConfigDict, workdir: str, stage: str = "agent") -> AgentRun:
+  """The agent as ``stage`` (of ``STAGES``) in ``workdir`` left it. The tokenizer is the one the
+  dynamics run that the agent started from read."""
   config_lib.check(stage in STAGES, "stage", f"an agent is trained by {' or '.join(STAGES)}, not {stage!r}")
   trained = stages.load_stage(config, workdir, stage, sections=("dynamics", "tokenizer", "agent"),
                               absent=models.BEFORE_FIELDS)
   run_config = models.rollout_config(trained.config)
   dynamics_reads = (imagination.agent_reads_dir(trained.config, workdir) if stage == "imagination"
                     else stages.reads_dir(trained.config, workdir))
-  world_model = dynamics_stage.load_run(run_config, dynamics_reads)
-  return (run_config, world_model.tokenizer.model, world_model.tokenizer.params,
-          models.make_dynamics(run_config, agent=True), trained.params)
+  return AgentRun(run_config, dynamics_stage.load_run(run_config, dynamics_reads), dynamics_reads,
+                  models.make_dynamics(run_config, agent=True), trained.params)
+
+
+def load_agent(config: ml_collections.ConfigDict, workdir: str, stage: str = "agent"):
+  """(config as trained, tokenizer, tokenizer params, agent dynamics model, its params) of
+  ``load_agent_run``'s agent."""
+  run = load_agent_run(config, workdir, stage)
+  return run.config, run.world_model.tokenizer.model, run.world_model.tokenizer.params, run.model, run.params
 
 
 class AgentPlayer:

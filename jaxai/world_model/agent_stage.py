@@ -17,7 +17,8 @@ each batch, as the paper mixes its data:
   when it acts, in imagination and in the real game.
 
 Every term (video, BC, reward) is divided by a running estimate of its RMS, the paper's loss
-normalisation (``tokenizer_loss.running_rms_normalize``), so none dominates by its scale. The
+normalisation (``tokenizer_loss.running_rms_normalize``, with the memory ``agent.loss_rms_decay``),
+so none dominates by its scale. The
 behaviour comes from all four skill levels of the dataset, as the paper used all contractor data.
 
 Which run it reads: ``stages.agent.reads_from`` (default this run's workdir) holds the dynamics
@@ -63,6 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_at_least(a, 0, "mtp_length", prefix="agent.")
   config_lib.check(a.mtp_length < a.window_len, "agent.mtp_length",
                    f"{a.mtp_length} must be below agent.window_len={a.window_len}")
+  config_lib.check_range(a, "loss_rms_decay", 0.0, 1.0, high_open=True, prefix="agent.")
 
 
 class AgentWindows(grain.sources.RandomAccessDataSource):
@@ -138,7 +140,7 @@ def _masked_mean(x, mask, axis=None):
 
 
 def agent_loss(model, params, batch, rng, *, loss_state, single_image_fraction: float,
-               context_signal: float):
+               context_signal: float, rms_decay: float = tokenizer_loss.RMS_DECAY):
   """(loss, (metrics, RMS state)) of one batch {'video': dynamics window, 'task': task window}."""
   video_rng, task_rng = jax.random.split(rng)
   video_loss, video_metrics = shortcut_forcing.dynamics_loss(
@@ -149,7 +151,7 @@ def agent_loss(model, params, batch, rng, *, loss_state, single_image_fraction: 
   per_window = {"video": video_loss[None],
                 "bc": _masked_mean(h["bc"], h["bc_mask"], axis=(1, 2)),
                 "reward": _masked_mean(h["reward"], h["reward_mask"], axis=(1, 2))}
-  normalized, rms, loss_state = tokenizer_loss.running_rms_normalize(per_window, loss_state)
+  normalized, rms, loss_state = tokenizer_loss.running_rms_normalize(per_window, loss_state, decay=rms_decay)
   objective = sum(normalized.values())
   raw = sum(jnp.mean(v) for v in per_window.values())
   loss = objective + jax.lax.stop_gradient(raw - objective)  # value: the raw sum; gradient: normalised
@@ -275,7 +277,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage:
       context_signal=trained.rollout.context_signal))
 
   loss = functools.partial(agent_loss, model, single_image_fraction=trained.dynamics.single_image_fraction,
-                           context_signal=trained.rollout.context_signal)
+                           context_signal=trained.rollout.context_signal, rms_decay=a.loss_rms_decay)
   return stages.Stage(name="agent", config=config, init_params=init_params, loss=loss,
                       make_data=make_data, abstract_batch=abstract_batch,
                       evaluate=lambda params, step: evaluator()(params, step),

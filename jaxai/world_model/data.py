@@ -9,7 +9,9 @@ the next frame is a known function of the frame and the action, as in the game.
 Both are "splits" with one interface: ``episodes`` (a table with ``length`` and ``world_seed``),
 ``episode_offsets``, ``num_steps``, ``read_steps(first, count)`` (``frames``, ``actions``,
 ``is_first``, ... of steps laid end to end) and ``outcomes_of_every_action(episode, actions, step)``
-(the true next frame of each of the 17 actions, for ``eval/action_top1``).
+(the true next frame of each of the 17 actions, for ``eval/action_top1``) and
+``continue_episode(episode, actions, step, continuation)`` (the game from a recorded step on under
+other actions, for ``imagination_fidelity``).
 """
 import functools
 
@@ -92,6 +94,25 @@ class SyntheticSplit:
     position = self.positions[episode][step]
     return self._render(episode, position), np.stack(
         [self._render(episode, self._moved(position, a)) for a in range(craftax_env.NUM_ACTIONS)])
+
+  def continue_episode(self, episode: int, actions, step: int, continuation) -> dict:
+    """The walk from ``step`` of ``episode`` on, moved by ``continuation`` instead of the stored
+    actions, as ``CraftaxOfflineSplit.continue_episode`` returns it (the walk never ends)."""
+    del actions  # the walk is stored
+    world, centre = self.worlds[episode], (self.view[0] // 2, self.view[1] // 2)
+    position, unlocked = self.positions[episode][step], bool(self.unlocked[episode][step])
+    frames, rewards, achievements = [], [], []
+    for action in continuation:
+      position = self._moved(position, action)
+      arrived = world[(position[0] + centre[0]) % world.shape[0], (position[1] + centre[1]) % world.shape[1]] == 0
+      rewards.append(float(arrived and not unlocked))
+      unlocked = unlocked or bool(arrived)
+      frames.append(self._render(episode, position))
+      achievements.append(np.zeros(len(craftax_env.ACHIEVEMENTS), bool))
+      achievements[-1][craftax_env.ACHIEVEMENTS.index("collect_wood")] = unlocked
+    return {"frame": self._render(episode, self.positions[episode][step]), "frames": np.stack(frames),
+            "rewards": np.asarray(rewards, np.float32), "ended": np.zeros(len(continuation), bool),
+            "achievements": np.stack(achievements)}
 
 
 def validate(config) -> None:

@@ -14,7 +14,9 @@ FRAME_SHAPE = (63, 63, 3)  # Craftax-Classic pixels: 9 x 9 tiles of 7 x 7 pixels
 # today's default would build an older checkpoint as another model.
 BEFORE_FIELDS = {"tokenizer": {"aligned_inputs": False},
                  # before 2026-12-02: bootstrap_fraction=0.25 (and redrawn next frames at d_min)
-                 "dynamics": {"step_distribution": "shortcut_models", "bootstrap_teacher": "online"}}
+                 "dynamics": {"step_distribution": "shortcut_models", "bootstrap_teacher": "online"},
+                 # before 2026-12-06: the tokenizer's RMS memory
+                 "agent": {"loss_rms_decay": 0.99}}
 
 
 def block_config(config: ml_collections.ConfigDict, section) -> transformer.BlockConfig:

@@ -51,7 +51,7 @@ def define_flags():
   flags.DEFINE_string("gif", None, "GIF of the first run's first 4 windows at K = rollout.num_steps.")
 
 
-def _decoder(tokenizer, params, chunk: int = 512):
+def decoder(tokenizer, params, chunk: int = 512):
   """latents [W, T, L, C] -> uint8 frames [W, T, H, W, C], each frame decoded on its own."""
   from jaxai.world_model import realtime  # pylint: disable=g-import-not-at-top
 
@@ -125,7 +125,7 @@ def evaluate_run(config, workdir: str, name: str, *, windows: int, context: int,
   for k in num_steps:
     models.check_num_steps("num_steps", k, c.k_max)
   w = heldout_long_windows(run.config, workdir, run.tokenizer, windows=windows, length=context + horizon)
-  decode = _decoder(run.tokenizer.model, run.tokenizer.params)
+  decode = decoder(run.tokenizer.model, run.tokenizer.params)
   future_latents, real = w["latents"][:, context:], w["frames"][:, context:]
   last_context = w["latents"][:, context - 1]
   base = {"run": name, "workdir": workdir, "step": run.step, "windows": windows, "context": context,

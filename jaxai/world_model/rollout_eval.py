@@ -177,7 +177,7 @@ def make_evaluate(config, model, tokenizer, tokenizer_params, heldout: latents_l
     metrics["eval/next_latent_mse_k1"] = latent_mse(one_step[:, 0], next_latents)
     if action_states is not None:
       metrics.update(_action_top1(params, action_states, imagine, rng, r.num_steps))
-    _write_strip(os.path.join(out_dir, f"rollout_step_{step}.png"), future[:2], predicted[:2])
+    write_strip(os.path.join(out_dir, f"rollout_step_{step}.png"), future[:2], predicted[:2])
     return metrics
 
   return evaluate
@@ -229,7 +229,7 @@ def _action_top1(params, states: dict, imagine, rng, num_steps: int) -> dict:
           "eval/action_states": n}
 
 
-def _write_strip(path: str, real: np.ndarray, imagined: np.ndarray) -> None:
+def write_strip(path: str, real: np.ndarray, imagined: np.ndarray) -> None:
   """PNG: for each window, the real future frames above the imagined ones."""
   if jax.process_index() != 0:
     return

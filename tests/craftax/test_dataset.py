@@ -68,6 +68,31 @@ def test_recorded_episodes_replay_in_the_real_game(data_dir):
       assert length == steps.episodes["length"][i] <= dataset.VARIANTS["tiny"].max_episode_len
 
 
+def test_continued_episodes_are_the_game_under_the_new_actions(data_dir):
+  """From a recorded step on, the recorded actions give the recorded steps, and other actions give
+  what the package's own API plays for them (the episode's keys, step by step)."""
+  steps = dataset.load(data_dir, "heldout", variant="tiny")
+  episode = steps.episode(0)
+  length = len(episode["actions"])
+  step, horizon = length // 3, 6
+  assert step + horizon < length
+  recorded = steps.continue_episode(0, episode["actions"], step, episode["actions"][step:step + horizon])
+  _assert_same_frames(episode["frames"][step][None], recorded["frame"][None])
+  later = slice(step + 1, step + 1 + horizon)
+  _assert_same_frames(episode["frames"][later], recorded["frames"])
+  np.testing.assert_allclose(recorded["rewards"], episode["rewards"][later], atol=1e-6)
+  np.testing.assert_array_equal(recorded["achievements"], episode["achievements"][later])
+  np.testing.assert_array_equal(recorded["ended"], np.cumsum(episode["is_terminal"][later]) > 0)
+  other = np.random.default_rng(0).integers(0, craftax_env.NUM_ACTIONS, horizon).astype(np.int32)
+  branched = steps.continue_episode(0, episode["actions"], step, other)
+  # _replay plays all but the last action (a recorded episode's placeholder).
+  replay = _replay(int(steps.episodes["world_seed"][0]), np.concatenate([episode["actions"][:step], other, [0]]))
+  _assert_same_frames(replay["frames"][step + 1:], branched["frames"])
+  np.testing.assert_allclose(branched["rewards"], replay["rewards"][step + 1:], atol=1e-6)
+  np.testing.assert_array_equal(branched["achievements"], replay["achievements"][step + 1:])
+  np.testing.assert_array_equal(branched["ended"], np.cumsum(replay["is_terminal"][step + 1:]) > 0)
+
+
 def test_grain_windows_are_slices_of_the_replayed_episodes(data_dir):
   steps = dataset.load(data_dir, "train", variant="tiny")
   windows = dataset.window_dataset(data_dir, "train", WINDOW, variant="tiny", shuffle=False)

@@ -240,32 +240,28 @@ def test_imagined_trajectories_are_what_the_model_computes_over_them(random_play
   assert float(jnp.mean((out["inputs"][:, t:] - level * out["latents"]) ** 2)) < 0.05
 
 
-def test_agent_then_imagination_stages_on_the_tiny_world_model(tmp_path, tiny_world_model):
+def test_agent_then_imagination_stages_on_the_tiny_world_model(tiny_agent):
   """Finetuning starts from the dynamics checkpoint and trains BC, reward and video terms; RL in
   imagination then changes only the policy and value heads, starting from the finetuned policy,
   and the policy only after the value's warm-up."""
-  _, world_model_dir = tiny_world_model
-  config = config_of("world_model", "tiny", stage="agent")
-  config.stages.agent.reads_from = str(world_model_dir)
-  result = main.run(config, str(tmp_path))
-  metrics = [json.loads(line) for line in open(os.path.join(tmp_path, "agent", "metrics.jsonl"))]
-  assert [m["step"] for m in metrics] == [1, 2, 3] and result[0]["step"] == 3
+  workdir = tiny_agent
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "agent", "metrics.jsonl"))]
+  assert [m["step"] for m in metrics] == [1, 2, 3]
   for key in ("bc_nll", "reward_nll", "video/x_space_loss", "rms/bc", "rms/reward", "rms/video",
               "eval/bc_top1", "eval/bc_top1_majority", "eval/reward_recall", "eval/reward_abs_error"):
     assert np.isfinite(metrics[-1][key]), key
   # A uniform policy at the start (the zero-initialised output layer): NLL log(17) at step 1.
   assert metrics[0]["bc_nll"] == pytest.approx(np.log(craftax_env.NUM_ACTIONS), rel=1e-3)
 
-  main.run(config_of("world_model", "tiny", stage="imagination"), str(tmp_path))
-  metrics = [json.loads(line) for line in open(os.path.join(tmp_path, "imagination", "metrics.jsonl"))]
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "imagination", "metrics.jsonl"))]
   # It starts as the prior, which the value's warm-up update (the first) leaves exactly as it is
   # (no gradient reaches the zero-initialised policy layer); the next update moves it.
   assert [m["policy_weight"] for m in metrics] == [0.0, 1.0, 1.0]
   assert metrics[0]["pmpo/prior_kl"] == metrics[1]["pmpo/prior_kl"] == 0.0 < metrics[2]["pmpo/prior_kl"]
   for key in ("policy_loss", "value_loss", "imagined_return", "pmpo/positive_share"):
     assert np.isfinite(metrics[-1][key]), key
-  _, before = checkpointing.restore_params(os.path.join(tmp_path, "agent", "checkpoints"))
-  _, after = checkpointing.restore_params(os.path.join(tmp_path, "imagination", "checkpoints"))
+  _, before = checkpointing.restore_params(os.path.join(workdir, "agent", "checkpoints"))
+  _, after = checkpointing.restore_params(os.path.join(workdir, "imagination", "checkpoints"))
   changed = {optimizer.param_path(path) for path, a in jax.tree_util.tree_flatten_with_path(after)[0]
              if not np.array_equal(a, _at(before, path))}
   assert changed and all(re.match(r"heads/(policy|value)/", p) for p in changed), sorted(changed)

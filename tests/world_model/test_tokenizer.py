@@ -260,6 +260,7 @@ def test_tiny_training_lowers_the_loss_and_reports_psnr(tmp_path):
     (dict(tokenizer=dict(patch_size=8)), "tokenizer.patch_size"),
     (dict(tokenizer=dict(aligned_inputs=True)), "tokenizer.aligned_inputs"),  # 4 latents, 81 patches
     (dict(data=dict(source="craftax", dir="/nonexistent/craftax", generate=False)), "data.dir"),
+    (dict(stage="agent", agent=dict(loss_rms_decay=1.0)), "agent.loss_rms_decay"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, field):
   config = tiny_config()
