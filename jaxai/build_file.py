@@ -58,6 +58,13 @@ def _libraries() -> dict[str, str]:
   return {_module_name(p): p for d in LIBRARY_DIRS for p in _python_files(d)}
 
 
+def test_helpers() -> dict[str, str]:
+  """Module name -> path of the tests' shared modules (conftest.py, and a helper such as
+  tests/trm/puzzle_checks.py that several test files of its folder import by its bare name)."""
+  return {os.path.basename(p)[:-3]: p for p in _python_files("tests")
+          if not os.path.basename(p).startswith("test_")}
+
+
 def module_graph() -> dict[str, set[str]]:
   """Library module -> the library modules it imports (a package's ``__init__`` counts as the
   package), from the same imports BUILD's deps come from."""
@@ -69,6 +76,7 @@ def module_graph() -> dict[str, set[str]]:
 def render() -> str:
   libraries = _libraries()
   tests = [p for p in _python_files("tests")]
+  helpers = test_helpers()
 
   def deps(path):
     internal, external = set(), set()
@@ -78,8 +86,8 @@ def render() -> str:
       top = name.split(".")[0]
       if top in THIRD_PARTY:
         external.add(f'requirement("{THIRD_PARTY[top]}")')
-      if top == "conftest":
-        internal.add(":tests_conftest")
+      if top in helpers and helpers[top] != path:
+        internal.add(":" + _target_name(helpers[top]))
     return sorted(internal) + sorted(external)
 
   def rule(kind, path, extra=""):
@@ -95,7 +103,7 @@ def render() -> str:
   for path in libraries.values():
     out.append("\n" + rule("py_library", path))
   for path in tests:
-    if os.path.basename(path) == "conftest.py":
+    if path in helpers.values():
       out.append("\n" + rule("py_library", path))
     else:
       out.append("\n" + rule("py_test", path, '    main = "%s",\n    data = glob(["configs/*.py"]),\n' % path))

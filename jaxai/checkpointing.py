@@ -161,8 +161,10 @@ def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_params(directory: str, step: int | None = None, abstract_params=None) -> tuple[int, Any]:
-  """(step, params) of checkpoint ``step`` (default: the latest) in ``directory``, nothing else read.
+def restore_params(directory: str, step: int | None = None, abstract_params=None, *,
+                   key: str = "params") -> tuple[int, Any]:
+  """(step, params) of checkpoint ``step`` (default: the latest) in ``directory``, nothing else read;
+  ``key="ema_params"`` reads the parameters' moving average instead (a stage with ``ema_decay``).
 
   With ``abstract_params`` (ShapeDtypeStructs with shardings) the params are restored laid out so,
   on any mesh; without, as host numpy arrays (jitted functions then place them as their mesh needs:
@@ -186,14 +188,20 @@ def restore_params(directory: str, step: int | None = None, abstract_params=None
       host = abstract_params is None
       if host:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = manager.item_metadata(step)["state"]["params"]
+        state_metadata = manager.item_metadata(step)["state"]
+        if key not in state_metadata:
+          raise CheckpointCorrupt(f"checkpoint {os.path.join(directory, str(step))} holds no {key} "
+                                  f"(it has: {', '.join(sorted(state_metadata))})")
+        metadata = state_metadata[key]
         abstract_params = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-      item = {"params": abstract_params}
+      item = {key: abstract_params}
       with _quiet_failed_restore():
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))["state"]["params"]
+            partial_restore=True)))["state"][key]
+    except CheckpointCorrupt:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointCorrupt(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
                               f"{_first_line(e)}") from e

@@ -26,6 +26,7 @@ from jaxai import checkpointing, config_lib
 
 REGISTRY = {
     "lm": "jaxai.lm.task",
+    "trm": "jaxai.trm.task",
     "world_model": "jaxai.world_model.task",
 }
 
@@ -76,11 +77,20 @@ class Stage:
       internally); ``inputs`` holds ``frozen`` when the stage has it.
     init_loss_state: optional () -> pytree of fp32 arrays that the loss carries from step to step
       without gradients (running statistics); kept replicated in the state and checkpointed.
+    init_batch_carry: optional () -> pytree of per-example arrays, the global batch first, boxed
+      with logical axes whose first is ``batch`` (``nn.with_logical_partitioning``), that the loss
+      carries from one update to the next without gradients: state that outlives an update, such
+      as deep supervision's answers carried across updates, with finished examples replaced by the
+      step's new rows. Kept in the state sharded like the batch and checkpointed; micro-batches
+      get their rows of it. The loss receives ``batch_carry`` and returns ``(loss, (metrics, new
+      batch_carry))``, or ``(loss, (metrics, new loss_state, new batch_carry))`` with both.
     frozen: name -> ``Frozen``: earlier stages' parameters the loss, ``make_batch`` and
       ``evaluate`` receive as ``frozen[name]``.
     loss_reads_ema: the loss receives ``ema_params`` (e.g. a teacher for bootstrap targets); needs
       ``config.ema_decay`` > 0.
     loss_reads_step: the loss receives ``step`` (a schedule inside the loss, e.g. a warm-up).
+    evaluate_ema: ``evaluate`` scores the parameters' moving average (the weights a paper reports,
+      e.g. TRM's EMA 0.999), not the latest ones; needs ``config.ema_decay`` > 0.
   """
   name: str
   config: ml_collections.ConfigDict
@@ -91,9 +101,11 @@ class Stage:
   make_batch: Callable[..., Batch] | None = None
   evaluate: Callable[..., dict] | None = None
   init_loss_state: Callable[[], Any] | None = None
+  init_batch_carry: Callable[[], Any] | None = None
   frozen: dict[str, Frozen] = dataclasses.field(default_factory=dict)
   loss_reads_ema: bool = False
   loss_reads_step: bool = False
+  evaluate_ema: bool = False
 
 
 def task_module(config: ml_collections.ConfigDict):
@@ -239,10 +251,11 @@ class TrainedStage:
 
 def load_stage(config: ml_collections.ConfigDict, workdir: str, name: str, *,
                sections: tuple[str, ...] = (), absent: dict | None = None, step: int | None = None,
-               abstract_params=None) -> TrainedStage:
+               abstract_params=None, key: str = "params") -> TrainedStage:
   """Stage ``name`` of the run in ``workdir`` as it was trained: its config's ``sections`` (see
   ``as_trained``, with ``absent``) and the params of checkpoint ``step`` (default: the latest), as host arrays, or
-  laid out as ``abstract_params`` says. ``config.stage`` becomes ``name``; where the stage read its
+  laid out as ``abstract_params`` says (``key="ema_params"``: their moving average). ``config.stage``
+  becomes ``name``; where the stage read its
   own inputs (``stages.<name>.reads_from``) is the saved one unless ``config`` names one.
 
   Raises FileNotFoundError (no checkpoint) or ``checkpointing.CheckpointCorrupt``.
@@ -256,5 +269,5 @@ def load_stage(config: ml_collections.ConfigDict, workdir: str, name: str, *,
   if name in trained.stages and not trained.stages[name].reads_from and saved_reads:
     trained.stages[name].reads_from = saved_reads
   step, params = checkpointing.restore_params(os.path.join(directory, "checkpoints"), step,
-                                              abstract_params)
+                                              abstract_params, key=key)
   return TrainedStage(config=trained, step=step, params=params, directory=directory, workdir=workdir)

@@ -4,10 +4,11 @@ The step is a pure function ``(state, batch, frozen) -> (state, metrics)`` jitte
 explicit shardings and the state donated. The state is ``{'step', 'params', 'opt_state'}`` plus
 ``'ema_params'`` at ``config.ema_decay`` > 0 (starting at the initial parameters, sharded like
 them, ``ema <- decay ema + (1 - decay) params`` after every update; ``ema_warmup`` lowers the decay of
-the early updates, ``ema_decay_at``) and ``'loss_state'`` for
-stages whose loss carries running statistics (``Stage.init_loss_state``);
+the early updates, ``ema_decay_at``), ``'loss_state'`` for
+stages whose loss carries running statistics (``Stage.init_loss_state``) and ``'batch_carry'`` for
+those that carry per-example state across updates (``Stage.init_batch_carry``);
 its shardings come from the logical axis names the model gives its parameters and the config's
-rules table (the loss state is small and replicated). ``frozen`` holds earlier stages' parameters
+rules table (the loss state is small and replicated, the batch carry sharded like the batch). ``frozen`` holds earlier stages' parameters
 (``Stage.frozen``), sharded the same way and never updated or saved.
 
 Randomness: step s uses ``fold_in(key(seed), s)`` for the loss and an independent key for
@@ -53,16 +54,25 @@ def ema_decay_at(config, step):
   return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def _loss_inputs(stage: Stage, frozen, loss_state, ema_params, step) -> dict:
-  inputs = {}
+def _merge_microbatches(stacked):
+  """The inverse of ``_split_microbatches``: [num, B / num, ...] -> [B, ...] in the original rows."""
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), stacked)
+
+
+def carried_names(stage: Stage) -> tuple[str, ...]:
+  """What the stage's loss carries from update to update, in the order it returns them."""
+  return tuple(name for name, init in (("loss_state", stage.init_loss_state),
+                                       ("batch_carry", stage.init_batch_carry)) if init is not None)
+
+
+def _loss_inputs(stage: Stage, frozen, carried: dict, ema_params, step) -> dict:
+  inputs = dict(carried)  # loss_state and batch_carry, those the stage has
   if stage.loss_reads_step:
     inputs["step"] = step
   if stage.frozen:
     inputs["frozen"] = frozen
   if stage.loss_reads_ema:
     inputs["ema_params"] = ema_params
-  if stage.init_loss_state is not None:
-    inputs["loss_state"] = loss_state
   return inputs
 
 
@@ -70,14 +80,18 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
   """``(state, batch, frozen) -> (state, metrics)``; ``frozen`` is {} for stages without it."""
   config = stage.config
   accum = config.grad_accum_steps
-  stateful = stage.init_loss_state is not None
+  names = carried_names(stage)
   pattern = re.compile(config.trainable) if config.trainable else None
-  config_lib.check(not stage.loss_reads_ema or config.ema_decay > 0, f"stages.{stage.name}.ema_decay",
-                   "the stage's loss reads the parameters' moving average: set ema_decay in (0, 1)")
+  for reads, what in ((stage.loss_reads_ema, "loss reads"), (stage.evaluate_ema, "evaluation scores")):
+    config_lib.check(not reads or config.ema_decay > 0, f"stages.{stage.name}.ema_decay",
+                     f"the stage's {what} the parameters' moving average: set ema_decay in (0, 1)")
 
-  def loss_fn(params, loss_state, frozen, batch, rng, ema_params, step):  # (loss, (metrics, loss_state))
-    out = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, loss_state, ema_params, step))
-    return out if stateful else (out[0], (out[1], loss_state))
+  def loss_fn(params, carried, frozen, batch, rng, ema_params, step):  # (loss, (metrics, carried))
+    loss, aux = stage.loss(params, batch, rng, **_loss_inputs(stage, frozen, carried, ema_params, step))
+    if not names:
+      return loss, (aux, {})
+    metrics, *new = aux
+    return loss, (metrics, dict(zip(names, new)))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -88,33 +102,38 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
     rng = jax.random.fold_in(base_rng, step)
     params = state["params"]
     ema_params = state.get("ema_params")
-    loss_state = state.get("loss_state", {})
+    carried = {name: state[name] for name in names}
     if stage.make_batch is not None:
       batch = stage.make_batch(params, batch, jax.random.fold_in(batch_base_rng, step),
                                **({"frozen": frozen} if stage.frozen else {}))
     if accum == 1:
-      (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, batch, rng, ema_params, step)
+      (loss, (aux, carried)), grads = grad_fn(params, carried, frozen, batch, rng, ema_params, step)
     else:
-      # Micro-batches run in sequence, so the loss state passes through each of them in turn.
+      # Micro-batches run in sequence: the loss state passes through each of them in turn, and
+      # each gets the batch carry's rows of its batch rows.
+      rows = lambda tree: _split_microbatches(tree, accum)  # None (no batch carry) stays None
       def micro_step(carry, xs):
         sums, loss_state = carry
-        micro_batch, index = xs
-        (loss, (aux, loss_state)), grads = grad_fn(params, loss_state, frozen, micro_batch,
-                                                   jax.random.fold_in(rng, index), ema_params, step)
-        return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), loss_state), None
-      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, loss_state, frozen, batch, rng, ema_params, step)
+        micro_batch, batch_carry, index = xs
+        inputs = {"loss_state": loss_state, "batch_carry": batch_carry}
+        (loss, (aux, out)), grads = grad_fn(params, {k: inputs[k] for k in names}, frozen, micro_batch,
+                                            jax.random.fold_in(rng, index), ema_params, step)
+        return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), out.get("loss_state")), out.get("batch_carry")
+      (loss, (aux, _)), grads = jax.eval_shape(grad_fn, params, carried, frozen, batch, rng, ema_params, step)
       zeros = jax.tree.map(jnp.zeros_like, (loss, aux, grads))
-      (sums, loss_state), _ = jax.lax.scan(
-          micro_step, (zeros, loss_state), (_split_microbatches(batch, accum), jnp.arange(accum)))
+      (sums, loss_state), batch_carry = jax.lax.scan(
+          micro_step, (zeros, carried.get("loss_state")),
+          (rows(batch), rows(carried.get("batch_carry")), jnp.arange(accum)))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, sums)
+      merged = {"loss_state": loss_state, "batch_carry": _merge_microbatches(batch_carry)}
+      carried = {k: merged[k] for k in names}
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
     if ema_params is not None:
       new_state["ema_params"] = optax.incremental_update(new_state["params"], ema_params,
                                                          step_size=1.0 - ema_decay_at(config, step))
-    if stateful:
-      new_state["loss_state"] = loss_state
+    new_state.update(carried)
     if pattern is not None:  # the norm the optimiser clips: of the trained parameters only
       grads = jax.tree_util.tree_map_with_path(
           lambda path, g: g if pattern.search(optimizer.param_path(path)) else jnp.zeros_like(g), grads)
@@ -202,6 +221,8 @@ class TrainState:
       state["ema_params"] = params  # the same boxes: sharded like the parameters
     if self.stage.init_loss_state is not None:
       state["loss_state"] = self.stage.init_loss_state()
+    if self.stage.init_batch_carry is not None:
+      state["batch_carry"] = self.stage.init_batch_carry()  # boxed: sharded like the batch
     return state
 
   def num_params(self) -> int:
@@ -327,7 +348,8 @@ def train(stage: Stage, workdir: str) -> dict:
           if step % config.log_every == 0 or last or evaluate:
             values = _check_finite(step, step_metrics, ckpt)
             if evaluate:
-              values.update(stage.evaluate(state["params"], step, **eval_inputs))
+              values.update(stage.evaluate(state["ema_params" if stage.evaluate_ema else "params"],
+                                           step, **eval_inputs))
             values["steps_per_sec"] = progress.update(step, {k: values[k] for k in ("loss",) if k in values})
             writer.write(step, values)
             last_logged = {"step": step, **values}

@@ -117,6 +117,27 @@ def fixture_tiny_agent(tmp_path_factory, tiny_world_model):
   return made_once(tmp_path_factory, "tiny_agent", make)
 
 
+@pytest.fixture(scope="session", name="tiny_trm_puzzles")
+def fixture_tiny_trm_puzzles(tmp_path_factory) -> str:
+  """A data dir holding both TRM tasks' ``tiny`` puzzle variants (~10 s to generate). Read only."""
+  from jaxai.trm import dataset  # pylint: disable=g-import-not-at-top
+
+  def make(path):
+    for task in dataset.TASKS:
+      dataset.generate(str(path), task, "tiny")
+
+  return str(made_once(tmp_path_factory, "trm_puzzles", make))
+
+
+@pytest.fixture(scope="session", name="tiny_trm")
+def fixture_tiny_trm(tmp_path_factory, tiny_trm_puzzles):
+  """``configs/trm.py:tiny`` (Sudoku) trained as written on the tiny puzzles: (config, workdir).
+  Read only."""
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  config = config_of("trm", "tiny", data__dir=tiny_trm_puzzles)
+  return config, made_once(tmp_path_factory, "tiny_trm", lambda path: main.run(config, str(path)))
+
+
 @pytest.fixture(name="repo_root")
 def fixture_repo_root():
   return REPO_ROOT

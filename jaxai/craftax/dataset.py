@@ -43,6 +43,7 @@ import tqdm
 
 from jaxai.craftax import env as craftax_env
 from jaxai.craftax import policies
+from jaxai.data import array_records
 
 DATASET_NAME = "craftax_offline"
 TRAIN_SEED_BASE = 0
@@ -234,16 +235,7 @@ class CraftaxOfflineSplit:
       raise DatasetError(f"{DATASET_NAME} at {self.path}: split {split!r} has "
                          f"{split_info.num_examples} records but its episodes need "
                          f"{int(self.first_record[-1])}; the dataset is corrupt, delete and regenerate it")
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    for filepath, expected in zip(split_info.filepaths, split_info.shard_lengths):
-      filepath = os.fspath(filepath)
-      try:
-        found = array_record_module.ArrayRecordReader(filepath).num_records()
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        raise DatasetError(f"cannot open {filepath}: {e}") from e
-      if found != expected:
-        raise DatasetError(f"{filepath} holds {found} records, expected {expected}: the file is "
-                           f"truncated or corrupt; delete {self.path} and regenerate it")
+    array_records.check_shards(split_info, self.path, DatasetError)
     self._builder = builder
     self._source = None
 

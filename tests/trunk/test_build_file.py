@@ -24,7 +24,7 @@ def test_every_python_file_has_a_target():
 
 def test_every_imported_package_is_a_known_requirement():
   # A third-party import missing from THIRD_PARTY would get no requirement() in BUILD.
-  ours = {"jaxai", "kernels_pallas", "conftest"}
+  ours = {"jaxai", "kernels_pallas", *build_file.test_helpers()}
   unknown = set()
   for d in ("jaxai", "kernels_pallas", "tests"):
     for path in build_file._python_files(d):  # pylint: disable=protected-access

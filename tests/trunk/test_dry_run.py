@@ -46,7 +46,8 @@ def test_full_variant_compiles_for_a_v5e_256_slice_within_a_chips_memory(name, t
       assert record["flops_per_step"] > 1e12, record
   assert [r["stage"] for r in records] == stages.selected(config)
   for record in records:
-    assert record["parameters"] > 1e7 and record["memory_per_device_bytes"] > 0
+    # Paper scale, not always large: TRM's full model is the paper's 5M parameters.
+    assert record["parameters"] > 1e6 and record["memory_per_device_bytes"] > 0
   assert not os.path.exists(tmp_path / "run")  # nothing written
 
 

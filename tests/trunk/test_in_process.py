@@ -70,3 +70,43 @@ def test_loss_state_is_carried_through_steps_and_micro_batches():
   # w <- w - 0.1 * 2 w mean(x^2) three times, whatever the micro-batching.
   expected = (1 - 0.2 * np.mean(np.arange(1.0, 5.0) ** 2)) ** 3
   np.testing.assert_allclose([results[1], results[2]], expected, rtol=1e-5)
+
+
+def test_batch_carry_keeps_its_rows_through_steps_micro_batches_and_shards():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from jaxai import sharding  # pylint: disable=g-import-not-at-top
+  from jaxai.stages import Stage  # pylint: disable=g-import-not-at-top
+
+  rows = 8
+  def loss(params, batch, rng, *, loss_state, batch_carry):
+    del rng
+    value = jnp.mean(jnp.square(params["w"] * batch["x"]))
+    # Per row: the sum of the row's x over updates, and of what the row had carried before.
+    carry = {"sum_x": batch_carry["sum_x"] + batch["x"], "sum_before": batch_carry["sum_before"] + batch_carry["sum_x"]}
+    return value, ({}, {"updates": loss_state["updates"] + 1.0}, carry)
+
+  def init_carry():
+    zeros = nn.with_logical_partitioning(jnp.zeros, ("batch",))
+    return {"sum_x": zeros((rows,)), "sum_before": zeros((rows,))}
+
+  x = jnp.arange(1.0, rows + 1.0)
+  for accum in (1, 2):
+    config = tiny_lm(grad_accum_steps=accum, **{"mesh.data": 8, "mesh.tensor": 1})
+    stage = Stage(name="toy", config=config, init_params=lambda rng: {"w": jnp.ones(())}, loss=loss,
+                  make_data=None, init_loss_state=lambda: {"updates": jnp.zeros((), jnp.float32)},
+                  init_batch_carry=init_carry)
+    mesh = sharding.make_mesh(config_lib.resolve_mesh_shape(config.mesh, jax.device_count()))
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      train_state = train.TrainState(stage, mesh, rules)
+      assert train_state.shardings["batch_carry"]["sum_x"].spec[0] is not None  # split over the batch
+      state = jax.jit(lambda: nn.unbox(train_state.init_boxed()), out_shardings=train_state.shardings)()
+      step = train_state.jitted_step(mesh)
+      for _ in range(3):
+        state, _ = step(state, {"x": x}, {})
+    np.testing.assert_allclose(state["batch_carry"]["sum_x"], 3 * x)  # each row kept its own
+    np.testing.assert_allclose(state["batch_carry"]["sum_before"], (0 + 1 + 2) * x)
+    # The loss state passes through every micro-batch once per update.
+    assert float(state["loss_state"]["updates"]) == 3.0 * accum
