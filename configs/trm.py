@@ -86,7 +86,7 @@ def get_config(arg=None):
     c.total_steps = 4
     c.log_every = 1
     c.eval_every = 0
-    c.checkpoint_every = 4
+    c.checkpoint_every = 2  # a test resumes from step 2
     c.compute_dtype = "float32"
     c.optimizer.warmup_steps = 2
   elif size == "full":

@@ -1,6 +1,7 @@
 """The trm stage through the trainer: deep supervision's carry across updates, resume, the EMA
 evaluation and ``python -m jaxai.trm.evaluate``."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,18 +14,17 @@ from jaxai.trm import evaluate, supervision, task
 
 
 def test_a_resumed_run_carries_the_same_examples_as_an_uninterrupted_one(tiny_trm, tmp_path):
-  """The batch carry (each slot's example, y, z and step count) is checkpointed: stopping after
-  2 of 4 updates and resuming gives the uninterrupted run's losses and carry."""
+  """The batch carry (each slot's example, y, z and step count) is checkpointed: the tiny run
+  resumed from its step-2 checkpoint gives the uninterrupted run's losses and final carry."""
   config, workdir = tiny_trm
-  interrupted = config_of("trm", "tiny", data__dir=config.data.dir, max_steps_per_run=2)
-  main.run(interrupted, str(tmp_path))
-  main.run(config_of("trm", "tiny", data__dir=config.data.dir), str(tmp_path))
-  rows = [train.read_metrics(str(d / "trm")) for d in (workdir, tmp_path)]
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  main.run(config_of("trm", "tiny", data__dir=config.data.dir, stages__trm__restore_step=2), str(resumed))
+  rows = [train.read_metrics(str(d / "trm")) for d in (workdir, resumed)]
+  assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]] == list(range(1, config.total_steps + 1))
   np.testing.assert_allclose([r["loss"] for r in rows[0]], [r["loss"] for r in rows[1]], rtol=1e-5)
-  carries = []
-  for d in (workdir, tmp_path):
-    _, carry = checkpointing.restore_params(str(d / "trm" / "checkpoints"), key="batch_carry")
-    carries.append(carry)
+  carries = [checkpointing.restore_params(str(d / "trm" / "checkpoints"), step=config.total_steps,
+                                          key="batch_carry")[1] for d in (workdir, resumed)]
   for key in ("inputs", "steps", "halted", "y"):
     np.testing.assert_allclose(carries[0][key], carries[1][key], rtol=1e-5, err_msg=key)
   # Every slot took one supervision step per update, restarting when it halted.
