@@ -34,7 +34,8 @@ def evaluate(config, workdir: str, *, puzzles: int, step: int | None = None):
   trained = stages.load_stage(config, workdir, "trm", sections=("data", "model", "supervision"),
                               step=step, key="ema_params")
   model = task.make_model(trained.config)
-  scores, arrays = task.evaluate_puzzles(trained.config, model, trained.params, puzzles)
+  solve = task.solver(model, trained.config.supervision.max_steps)
+  scores, arrays = task.evaluate_puzzles(trained.config, solve, trained.params, puzzles)
   from scipy import stats  # pylint: disable=g-import-not-at-top
   solved = int(round(scores["eval/exact_accuracy"] * scores["eval/puzzles"]))
   interval = stats.binomtest(solved, scores["eval/puzzles"]).proportion_ci(method="wilson")

@@ -131,11 +131,11 @@ def solver(model: model_lib.Reasoner, steps: int):
   return jax.jit(solve)
 
 
-def evaluate_puzzles(config, model, params, count: int) -> tuple[dict, dict]:
-  """(scores, arrays) over the first ``count`` held-out puzzles: scores as ``evaluation_scores``
-  plus ``eval/token_accuracy``; arrays ``inputs``, ``labels``, ``predictions`` (after the last
-  step) and ``exact`` [steps, N] for pictures."""
-  solve = solver(model, config.supervision.max_steps)
+def evaluate_puzzles(config, solve, params, count: int) -> tuple[dict, dict]:
+  """(scores, arrays) over the first ``count`` held-out puzzles with ``solve`` (``solver``'s,
+  made once so that repeated evaluations compile once): scores as ``evaluation_scores`` plus
+  ``eval/token_accuracy``; arrays ``inputs``, ``labels``, ``predictions`` (after the last step)
+  and ``exact`` [steps, N] for pictures."""
   parts = []
   for batch, valid in heldout_batches(config, count, config.batch_size):
     out = jax.device_get(solve(params, batch))
@@ -173,9 +173,11 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage
     return {"inputs": tokens, "labels": tokens,
             "puzzle_id": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
 
+  solve = solver(model, sup.max_steps)
+
   def evaluate(params, step):
     del step
-    return evaluate_puzzles(config, model, params, config.data.eval_puzzles)[0]
+    return evaluate_puzzles(config, solve, params, config.data.eval_puzzles)[0]
 
   return stages.Stage(name="trm", config=config, init_params=functools.partial(model_lib.init_params, model),
                       loss=loss, make_data=make_data, abstract_batch=abstract_batch, evaluate=evaluate,
