@@ -17,7 +17,7 @@ Public API (what a TRM config needs):
 
 What is stored: each split holds the first ``VARIANTS[task][variant].puzzles[split]`` candidates,
 in seed order, that the task keeps: Sudoku candidates are ``sudoku.generate_puzzle(seed)`` kept by
-``sudoku.is_extreme``; maze candidates ``maze.generate_maze(seed)`` (always long-path by
+``sudoku.is_extreme`` (the ``easy`` variant: by ``sudoku.is_easy``); maze candidates ``maze.generate_maze(seed)`` (always long-path by
 construction). Train seeds count up from ``TRAIN_SEED_BASE``, heldout seeds from
 ``HELDOUT_SEED_BASE``, so the two never share a generator seed, and the result does not depend on
 how many processes generate it. Each record is one puzzle: its tokens, its index in the split
@@ -85,6 +85,12 @@ TASKS = {
 @dataclasses.dataclass(frozen=True)
 class Variant:
   puzzles: dict[str, int]  # kept puzzles per split
+  candidate: Callable[[int], dict | None] | None = None  # a rule other than the task's
+
+
+def candidate_rule(task: str, variant: str) -> Callable[[int], dict | None]:
+  """seed -> the stored fields of that seed's candidate if ``variant`` keeps it, else None."""
+  return VARIANTS[task][variant].candidate or TASKS[task].candidate
 
 
 VARIANTS = {
@@ -98,6 +104,9 @@ VARIANTS = {
         # in seed order, so a smaller count is a prefix): 5 min on 2 idle cores, 11-18 while shared;
         # standard error <= 1.1%.
         "small": Variant({"train": 1000, "heldout": 2000}),
+        # Minimal puzzles that propagation of singles solves without search (``sudoku.is_easy``:
+        # 42% of candidates), for CPU-sized runs in which the extreme split does not move.
+        "easy": Variant({"train": 1000, "heldout": 2000}, sudoku.easy_record),
     },
     "maze": {
         "tiny": Variant({"train": 4, "heldout": 4}),
@@ -134,13 +143,14 @@ def worker_pool(processes: int):
   return multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else None
 
 
-def kept_candidates(task: str, split: str, count: int, *, processes: int = 1, pool=None,
-                    progress=None):
+def kept_candidates(task: str, split: str, count: int, *, variant: str = "default", processes: int = 1,
+                    pool=None, progress=None):
   """Yields ``(seed, record fields)`` of the first ``count`` kept candidates of ``split``, in seed
   order, and returns the number of seeds tried. ``processes`` > 1 generates blocks of seeds in
   parallel (the same result) on ``pool`` (``worker_pool(processes)``; made and closed here if
-  None); ``progress(kept)`` is called as puzzles are kept."""
-  candidate = TASKS[task].candidate
+  None); ``progress(kept)`` is called as puzzles are kept. ``variant`` names the rule that keeps
+  candidates (``candidate_rule``)."""
+  candidate = candidate_rule(task, variant)
   base, tried, kept = seed_base(split), 0, 0
   own_pool = pool is None and processes > 1
   if own_pool:
@@ -213,7 +223,8 @@ class TrmPuzzles(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     count = VARIANTS[config.task][config.variant].puzzles[split]
     bar = tqdm.tqdm(total=count, desc=f"Generating {DATASET_NAME}/{config.name} {split}", unit="puzzle")
-    candidates = kept_candidates(config.task, split, count, processes=self._processes,
+    candidates = kept_candidates(config.task, split, count, variant=config.variant,
+                                 processes=self._processes,
                                  pool=self._pool, progress=lambda kept: bar.update(1))
     puzzle_id = 0
     while True:
@@ -380,22 +391,24 @@ def _timed_map(candidate, seeds, processes: int, *, warm_up_only: bool = False):
   return records, seconds, time.process_time() - cpu_start + children_cpu() - children_start
 
 
-def measure(task: str, seeds: int, *, processes: int = 1, split: str = "train") -> dict:
+def measure(task: str, seeds: int, *, processes: int = 1, split: str = "train",
+            variant: str = "default") -> dict:
   """What generating ``task`` costs on this host: the first ``seeds`` candidates of ``split`` on
   ``processes`` workers, the keep rate, wall seconds (as measured, under whatever else runs) and
   CPU seconds (all workers', their start-up subtracted) per candidate and per kept puzzle, and each
   variant's generation extrapolated from them: ``minutes_wall`` at the measured rate,
   ``minutes_idle`` on ``processes`` otherwise idle cores (both splits; start-up and writing not
   included, they take seconds)."""
-  _check_names(task, "default")
-  candidate = TASKS[task].candidate
+  _check_names(task, variant)
+  candidate = candidate_rule(task, variant)
   _, _, start_up_cpu = _timed_map(candidate, [], processes, warm_up_only=True)
   records, seconds, cpu = _timed_map(candidate, range(seed_base(split), seed_base(split) + seeds),
                                      processes)
   cpu -= start_up_cpu if processes > 1 else 0.0
   kept = max(1, sum(record is not None for record in records))
-  puzzles = {name: sum(v.puzzles.values()) for name, v in VARIANTS[task].items()}
-  return {"task": task, "split": split, "seeds": seeds, "kept": kept, "processes": processes,
+  rule = VARIANTS[task][variant].candidate
+  puzzles = {name: sum(v.puzzles.values()) for name, v in VARIANTS[task].items() if v.candidate is rule}
+  return {"task": task, "variant": variant, "split": split, "seeds": seeds, "kept": kept, "processes": processes,
           "candidates_per_kept": round(seeds / kept, 2),
           "wall_seconds_per_candidate": round(seconds / seeds, 4),
           "wall_seconds_per_kept": round(seconds / kept, 4),
@@ -428,7 +441,8 @@ def main(argv):
   from jaxai import cli  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   if args.measure_seeds > 0:
-    print(json.dumps(measure(args.task, args.measure_seeds, processes=args.processes)))
+    print(json.dumps(measure(args.task, args.measure_seeds, processes=args.processes,
+                             variant=args.variant)))
     return
   if not args.data_dir:
     cli.fail("config error", "--data_dir: required (where to generate the dataset)")

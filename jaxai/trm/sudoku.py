@@ -20,7 +20,8 @@ The "extreme" rule (``is_extreme``): at most ``EXTREME_MAX_CLUES`` clues and at 
 2,000 seeds: 42% none, median 2 nodes, 90th percentile 10, 99th 36; clues 21-30, median 24); the
 rule keeps the hardest 10.75% of them, one candidate in 9.3 (figures and costs in ``docs/trm.md``).
 A branch always has at least two digits and a unique puzzle's tree is searched whole, so a puzzle
-needing search has at least 2 nodes.
+needing search has at least 2 nodes. The "easy" rule (``is_easy``) keeps the others, the 42% that
+propagation solves without search: for CPU-sized runs, where the extreme split does not move.
 
 How this compares to the paper's Sudoku-Extreme: that set (HRM's, reused by TRM) pools public
 collections curated by puzzle enthusiasts (tdoku's benchmark sets: magictour top1465, the forum's
@@ -226,14 +227,29 @@ def is_extreme(puzzle: Puzzle) -> bool:
   return puzzle.clues <= EXTREME_MAX_CLUES and puzzle.search_nodes >= EXTREME_MIN_SEARCH_NODES
 
 
-def extreme_record(seed: int) -> dict | None:
-  """The stored fields of ``generate_puzzle(seed)`` if the extreme rule keeps it, else None. It
-  lives here, not in ``dataset``, so that generating processes import only this module."""
-  puzzle = generate_puzzle(seed)
-  if not is_extreme(puzzle):
-    return None
+def is_easy(puzzle: Puzzle) -> bool:
+  """The easy split's rule: propagation of singles alone solves it (no search). Still a minimal
+  puzzle (median 24 clues), so the answer needs long chains of deductions, but no guessing."""
+  return puzzle.search_nodes == 0
+
+
+def _record(puzzle: Puzzle) -> dict:
   return {"inputs": puzzle.puzzle, "labels": puzzle.solution, "clues": puzzle.clues,
           "search_nodes": puzzle.search_nodes}
+
+
+# The candidates' rules live here, not in ``dataset``, so that generating processes import only
+# this module.
+def extreme_record(seed: int) -> dict | None:
+  """The stored fields of ``generate_puzzle(seed)`` if the extreme rule keeps it, else None."""
+  puzzle = generate_puzzle(seed)
+  return _record(puzzle) if is_extreme(puzzle) else None
+
+
+def easy_record(seed: int) -> dict | None:
+  """The stored fields of ``generate_puzzle(seed)`` if the easy rule keeps it, else None."""
+  puzzle = generate_puzzle(seed)
+  return _record(puzzle) if is_easy(puzzle) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,46 @@ def is_valid_solution(grid) -> bool:
   return all(sorted(line) == list(range(1, 10)) for lines in (square, square.T, boxes) for line in lines)
 
 
+def solved_by_singles(grid) -> bool:
+  """Whether naked and hidden singles alone fill ``grid``, computed on a boolean [cell, digit]
+  candidate table (the module's solver uses bit masks and peer lists)."""
+  square = np.asarray(grid).reshape(9, 9)
+  possible = np.ones((9, 9, 9), bool)  # [row, col, digit - 1]
+  def place(r, c, d):
+    possible[r, c, :] = False
+    possible[r, :, d] = possible[:, c, d] = False
+    possible[3 * (r // 3):3 * (r // 3) + 3, 3 * (c // 3):3 * (c // 3) + 3, d] = False
+    possible[r, c, d] = True
+  filled = np.zeros((9, 9), bool)
+  for r, c in zip(*np.nonzero(square)):
+    place(r, c, square[r, c] - 1)
+    filled[r, c] = True
+  while not filled.all():
+    found = None
+    counts = possible.sum(-1)
+    if (counts[~filled] == 0).any():
+      return False
+    naked = np.argwhere(~filled & (counts == 1))
+    if len(naked):
+      r, c = naked[0]
+      found = (r, c, int(np.flatnonzero(possible[r, c])[0]))
+    else:
+      open_digit = possible & ~filled[..., None]
+      boxes = open_digit.reshape(3, 3, 3, 3, 9).transpose(0, 2, 1, 3, 4).reshape(9, 9, 9)
+      for unit, cells_of in ((open_digit, lambda i, j: (i, j)), (open_digit.transpose(1, 0, 2), lambda i, j: (j, i)),
+                             (boxes, lambda i, j: (3 * (i // 3) + j // 3, 3 * (i % 3) + j % 3))):
+        for i, d in np.argwhere(unit.sum(1) == 1):
+          found = (*cells_of(i, int(np.flatnonzero(unit[i, :, d])[0])), int(d))
+          break
+        if found:
+          break
+    if found is None:
+      return False
+    place(*found)
+    filled[found[0], found[1]] = True
+  return True
+
+
 def check_puzzle(puzzle, solution, *, minimal: bool = True):
   """The checks every generated puzzle must pass, by this file's solver."""
   puzzle, solution = np.asarray(puzzle), np.asarray(solution)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxai.trm import sudoku
-from puzzle_checks import check_puzzle, exact_cover_solutions, is_valid_solution
+from puzzle_checks import check_puzzle, exact_cover_solutions, is_valid_solution, solved_by_singles
 
 SEEDS = range(12)  # generated puzzles checked here (the dataset's are checked in test_puzzle_dataset)
 
@@ -42,6 +42,9 @@ def test_generated_puzzles_are_unique_minimal_and_rated_as_stored(seed):
     assert generated.search_nodes >= sudoku.EXTREME_MIN_SEARCH_NODES
     np.testing.assert_array_equal(kept["inputs"], generated.puzzle)
     assert kept["search_nodes"] == generated.search_nodes and kept["clues"] == generated.clues
+  easy = sudoku.easy_record(seed)
+  assert (easy is not None) == solved_by_singles(generated.puzzle)  # the easy rule, checked apart
+  assert easy is None or kept is None
 
 
 def test_the_module_solver_agrees_with_the_reference_on_other_grids():
