@@ -23,8 +23,8 @@ Figure reached (2026-12-07, AVX-512-bf16 host, 2 cores; docs/trm.md "First compa
 easy split (``--config.data.variant=easy``), 1000 updates, EMA weights, 500 held-out puzzles:
 exact accuracy TRM 9.2% and 5.8% (seeds 0, 1; 24 min each), HRM-style 1.8% and 2.4% (12 min each),
 single pass 0.0% (3 seeds, 1.7 min each). TRM ran at 0.73-0.87 steps/s there. Speed of the
-default Sudoku TRM (420,657 parameters, width 128, batch 64), 2026-12-07, AVX2-only host, 2 cores: 0.20
-steps/s in bf16, 0.22-0.24 in fp32, so its 1000 steps take about 80 min there (an AMX host runs
+default Sudoku TRM (420,657 parameters, width 128, batch 64), 2026-12-07, AVX2-only host, 2
+cores: 0.20 steps/s in bf16, 0.22-0.24 in fp32, so its 1000 steps take about 80 min there (an AMX host runs
 bf16 about 2-3x faster). The puzzles are generated first: Sudoku `default` ~19 min on 2 idle
 cores (`--config.data.variant=small`, the same 1,000 training puzzles and 2,000 held-out: ~5 min).
 """

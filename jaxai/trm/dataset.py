@@ -17,8 +17,8 @@ Public API (what a TRM config needs):
 
 What is stored: each split holds the first ``VARIANTS[task][variant].puzzles[split]`` candidates,
 in seed order, that the task keeps: Sudoku candidates are ``sudoku.generate_puzzle(seed)`` kept by
-``sudoku.is_extreme`` (the ``easy`` variant: by ``sudoku.is_easy``); maze candidates ``maze.generate_maze(seed)`` (always long-path by
-construction). Train seeds count up from ``TRAIN_SEED_BASE``, heldout seeds from
+``sudoku.is_extreme`` (the ``easy`` variant: by ``sudoku.is_easy``); maze candidates
+``maze.generate_maze(seed)`` (always long-path by construction). Train seeds count up from ``TRAIN_SEED_BASE``, heldout seeds from
 ``HELDOUT_SEED_BASE``, so the two never share a generator seed, and the result does not depend on
 how many processes generate it. Each record is one puzzle: its tokens, its index in the split
 (``puzzle_id``), its seed (which regenerates it) and its ratings (Sudoku: ``clues``,
@@ -105,7 +105,7 @@ VARIANTS = {
         # standard error <= 1.1%.
         "small": Variant({"train": 1000, "heldout": 2000}),
         # Minimal puzzles that propagation of singles solves without search (``sudoku.is_easy``:
-        # 42% of candidates), for CPU-sized runs in which the extreme split does not move.
+        # 42% of candidates), for CPU-sized runs: exact accuracy on it moves within 1000 updates.
         "easy": Variant({"train": 1000, "heldout": 2000}, sudoku.easy_record),
     },
     "maze": {
@@ -143,8 +143,8 @@ def worker_pool(processes: int):
   return multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else None
 
 
-def kept_candidates(task: str, split: str, count: int, *, variant: str = "default", processes: int = 1,
-                    pool=None, progress=None):
+def kept_candidates(task: str, split: str, count: int, *, variant: str = "default",
+                    processes: int = 1, pool=None, progress=None):
   """Yields ``(seed, record fields)`` of the first ``count`` kept candidates of ``split``, in seed
   order, and returns the number of seeds tried. ``processes`` > 1 generates blocks of seeds in
   parallel (the same result) on ``pool`` (``worker_pool(processes)``; made and closed here if

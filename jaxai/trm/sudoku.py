@@ -21,7 +21,8 @@ The "extreme" rule (``is_extreme``): at most ``EXTREME_MAX_CLUES`` clues and at 
 rule keeps the hardest 10.75% of them, one candidate in 9.3 (figures and costs in ``docs/trm.md``).
 A branch always has at least two digits and a unique puzzle's tree is searched whole, so a puzzle
 needing search has at least 2 nodes. The "easy" rule (``is_easy``) keeps the others, the 42% that
-propagation solves without search: for CPU-sized runs, where the extreme split does not move.
+propagation solves without search: for CPU-sized runs, in which exact accuracy on it moves
+(whether the extreme split's does in that budget is not measured yet; docs/trm.md).
 
 How this compares to the paper's Sudoku-Extreme: that set (HRM's, reused by TRM) pools public
 collections curated by puzzle enthusiasts (tdoku's benchmark sets: magictour top1465, the forum's

@@ -32,7 +32,7 @@ def test_the_world_models_rl_stage_compiles_at_full_size(tmp_path):
 def least_compile_effort():
   """XLA's lowest optimisation and memory-fitting effort while a test compiles: the world model's
   full dynamics step compiles for TPU in 83 s instead of 705 s (2026-12-07, AVX-512-bf16 host,
-  measured beside a training run, both at nice 19). The memory checked is then that of the
+  each measured at nice 19 beside a training run). The memory checked is then that of the
   low-effort program (the dynamics step: 2.09 GiB of temporaries, 2.72 GiB of arguments per chip),
   which XLA tried less hard to fit; ``--dry_run`` itself compiles at the default effort."""
   before = jax.config.jax_exec_time_optimization_effort, jax.config.jax_memory_fitting_effort
