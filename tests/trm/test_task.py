@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,6 +72,27 @@ def test_evaluation_scores_the_moving_average_and_plain_counts_agree(tiny_trm):
   assert record["step"] == config.total_steps and record["reasoner"] == "trm"
   low, high = record["eval/exact_accuracy_95"]
   assert low <= record["eval/exact_accuracy"] <= high
+
+
+def test_raw_weights_are_the_trained_ones_and_not_their_average(tiny_trm):
+  """``weights="raw"`` (the no-EMA ablation) scores the checkpoint's trained parameters: the
+  same scores as solving with them directly, from weights that differ from their average."""
+  config, workdir = tiny_trm
+  record, _ = evaluate.evaluate(config, str(workdir), puzzles=config.data.eval_puzzles, weights="raw")
+  directory = str(workdir / "trm" / "checkpoints")
+  _, params = checkpointing.restore_params(directory, key="params")
+  _, averaged = checkpointing.restore_params(directory, key="ema_params")
+  differences = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
+                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(averaged))]
+  assert max(differences) > 1e-4
+  model = task.make_model(config)
+  scores, _ = task.evaluate_puzzles(config, task.solver(model, config.supervision.max_steps), params,
+                                    config.data.eval_puzzles)
+  assert record["weights"] == "raw"
+  for key in ("eval/exact_accuracy", "eval/token_accuracy", "eval/halt_steps"):
+    assert record[key] == pytest.approx(scores[key]), key
+  with pytest.raises(ValueError, match="weights"):
+    evaluate.evaluate(config, str(workdir), puzzles=1, weights="best")
 
 
 def test_scores_of_solve_outputs_against_a_hand_count():
