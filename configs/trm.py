@@ -75,7 +75,9 @@ def get_config(arg=None):
       match_parameters=True,    # single_pass: the layer count that gives it TRM's parameters
       match_depth=False,        # single_pass: repeat its stack (shared weights) to TRM's depth
   )
-  c.supervision = dict(max_steps=16, exploration=0.1, halt_loss_weight=0.5)
+  # stagger_starts (not the paper's): start the batch's slots at different supervision steps, so
+  # that not every update trains the same step of every example while the halt head never fires.
+  c.supervision = dict(max_steps=16, exploration=0.1, halt_loss_weight=0.5, stagger_starts=False)
   c.ema_decay = 0.999
   # At 0.999 the average of a CPU run's first 1000 updates still holds 37% of the initial weights;
   # the warm-up (decay (1 + t) / (10 + t) until it reaches 0.999) averages the trained ones.

@@ -10,7 +10,9 @@ steps: a step learns to improve whatever answer it is handed. The loss of an exa
 
 In training an example halts when its halt logit is > 0 or at step ``max_steps``; ``exploration``
 (10%) of the examples get a random minimum step in [2, max_steps] below which they do not halt,
-drawn afresh at every step as the official code does. Evaluation runs every example all
+drawn afresh at every step as the official code does. ``stagger_starts`` (not the official
+code's) offsets the slots' first examples so that they do not all halt together (``init_carry``).
+Evaluation runs every example all
 ``max_steps`` steps (``solve``), so a batch finishes together.
 
 The carry (``init_carry``) is a dict of per-example arrays, batch first (``CARRY_AXES``): y, z,
@@ -46,6 +48,7 @@ class SupervisionConfig:
   max_steps: int = 16        # N_sup
   exploration: float = 0.1   # fraction of examples given a random minimum number of steps
   halt_loss_weight: float = 0.5
+  stagger_starts: bool = False  # slots' first examples start at steps 0..max_steps-1 (init_carry)
 
   def __post_init__(self):
     if self.max_steps < 1 or not 0 <= self.exploration <= 1 or self.halt_loss_weight < 0:
@@ -67,11 +70,20 @@ def initial_state(config: model_lib.ModelConfig) -> tuple[jax.Array, jax.Array]:
   return draw(), draw()
 
 
-def init_carry(config: model_lib.ModelConfig, batch_size: int) -> dict:
-  """A carry of ``batch_size`` empty slots, all halted: the first step fills them from its batch."""
+def init_carry(config: model_lib.ModelConfig, batch_size: int, *, stagger: int = 0) -> dict:
+  """A carry of ``batch_size`` empty slots, all halted: the first step fills them from its batch.
+
+  With ``stagger`` > 1 (``max_steps``), slot ``i``'s first example starts at step ``i % stagger``
+  instead of 0 (a negative ``steps`` in the empty slot tells ``reset_carry``), so it halts that
+  many steps early. Without it every slot starts together and, until the halt head first fires,
+  they all halt together: every update then trains one supervision step of every example, the
+  same step, cycling through 1..max_steps (the official code's behaviour). Staggered, each update
+  mixes all steps. The model never sees the step count, so only the first examples are cut short.
+  """
   state = jnp.zeros((batch_size, config.length, config.width), config.dtype)
   tokens = jnp.zeros((batch_size, config.seq_len), jnp.int32)
-  return {"y": state, "z": state, "steps": jnp.zeros((batch_size,), jnp.int32),
+  offsets = jnp.arange(batch_size, dtype=jnp.int32) % max(stagger, 1)
+  return {"y": state, "z": state, "steps": -offsets,
           "halted": jnp.ones((batch_size,), bool), "inputs": tokens, "labels": tokens,
           "puzzle_id": jnp.zeros((batch_size,), jnp.int32)}
 
@@ -87,7 +99,8 @@ def _batch_data(batch: dict) -> dict:
 
 def reset_carry(config: model_lib.ModelConfig, carry: dict, batch: dict) -> dict:
   """``carry`` with each halted slot started afresh on ``batch``'s row in that slot: the
-  example's data, the initial y and z, 0 steps, not halted. Other slots are kept."""
+  example's data, the initial y and z, 0 steps (``-steps`` for an empty slot of a staggered
+  ``init_carry``), not halted. Other slots are kept."""
   if batch["inputs"].shape != carry["inputs"].shape:
     raise ValueError(f"batch inputs {list(batch['inputs'].shape)} must match the carry's "
                      f"{list(carry['inputs'].shape)} (batch size and seq_len)")
@@ -96,7 +109,8 @@ def reset_carry(config: model_lib.ModelConfig, carry: dict, batch: dict) -> dict
   y0, z0 = initial_state(config)
   new = {k: pick(v, carry[k]) for k, v in _batch_data(batch).items()}
   return {**new, "y": pick(y0, carry["y"]), "z": pick(z0, carry["z"]),
-          "steps": jnp.where(halted, 0, carry["steps"]), "halted": jnp.zeros_like(halted)}
+          "steps": jnp.where(halted, jnp.maximum(-carry["steps"], 0), carry["steps"]),
+          "halted": jnp.zeros_like(halted)}
 
 
 def halting(steps, halt_logit, rng, *, config: SupervisionConfig, training: bool):

@@ -56,7 +56,8 @@ def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
 def supervision_config(config: ml_collections.ConfigDict) -> supervision.SupervisionConfig:
   s = config.supervision
   return supervision.SupervisionConfig(max_steps=s.max_steps, exploration=s.exploration,
-                                       halt_loss_weight=s.halt_loss_weight)
+                                       halt_loss_weight=s.halt_loss_weight,
+                                       stagger_starts=s.stagger_starts)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -88,9 +89,9 @@ def make_model(config: ml_collections.ConfigDict) -> model_lib.Reasoner:
   return model_lib.Reasoner(model_config(config))
 
 
-def boxed_carry(model_cfg: model_lib.ModelConfig, batch_size: int) -> dict:
+def boxed_carry(model_cfg: model_lib.ModelConfig, batch_size: int, stagger: int = 0) -> dict:
   """``supervision.init_carry`` boxed with its logical axes: the trainer shards it like the batch."""
-  carry = supervision.init_carry(model_cfg, batch_size)
+  carry = supervision.init_carry(model_cfg, batch_size, stagger=stagger)
   return {k: nn.LogicallyPartitioned(v, names=supervision.CARRY_AXES[k]) for k, v in carry.items()}
 
 
@@ -181,5 +182,6 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str) -> stages.Stage
 
   return stages.Stage(name="trm", config=config, init_params=functools.partial(model_lib.init_params, model),
                       loss=loss, make_data=make_data, abstract_batch=abstract_batch, evaluate=evaluate,
-                      init_batch_carry=lambda: boxed_carry(model_cfg, config.batch_size),
+                      init_batch_carry=lambda: boxed_carry(model_cfg, config.batch_size,
+                                                           sup.max_steps if sup.stagger_starts else 0),
                       evaluate_ema=True)

@@ -152,3 +152,25 @@ def test_a_tiny_run_lowers_the_loss():
     params, opt_state, carry, _ = update(params, opt_state, carry, jax.random.key(i))
   after = first_step_loss(params)
   assert after < 0.5 * before, (before, after)
+
+
+def test_staggered_slots_halt_in_turn_and_unstaggered_ones_together():
+  """With the halt head silent (its initial -5), slot i of a staggered carry halts at the updates
+  u with (u + i % max_steps) % max_steps == 0, as a plain count says; unstaggered, every slot
+  halts at every max_steps-th update, all together."""
+  config = tiny()
+  model, params = initialised(config)
+  sup = dataclasses.replace(SUPERVISION, max_steps=3, exploration=0.0)
+  step = jax.jit(lambda carry, batch: supervision.supervision_step(
+      model, params, carry, batch, jax.random.key(0), config=sup, training=True)[1][1])
+  slots = 8
+  rng = np.random.default_rng(0)
+  for stagger in (0, sup.max_steps):
+    carry = supervision.init_carry(config, slots, stagger=stagger)
+    offsets = np.arange(slots) % stagger if stagger else np.zeros(slots, int)
+    for update in range(1, 3 * sup.max_steps + 1):
+      batch = {k: jnp.asarray(rng.integers(config.vocab_size, size=(slots, config.seq_len)))
+               for k in ("inputs", "labels")}
+      carry = step(carry, batch)
+      expected = (update + offsets) % sup.max_steps == 0
+      np.testing.assert_array_equal(np.asarray(carry["halted"]), expected, err_msg=f"{stagger=}, {update=}")
