@@ -21,14 +21,14 @@ Commands:
 
 Figure reached (2026-12-07, AVX-512-bf16 host, 2 cores; docs/trm.md "Comparison on the easy
 split"): on the easy split (``--config.data.variant=easy``), 1000 updates, EMA weights, 500
-held-out puzzles: exact accuracy TRM 9.2 / 5.8 / 2.4% (seeds 0-2; 24 min each), HRM-style 1.8 /
-2.4 / 2.0% (12 min each), single pass 0.0% (3 seeds, 1.7 min each); TRM on the extreme split
-(``small``) 2.2% (seed 0). The maze default runs at 0.022 steps/s there (8.07 GB in 4 micro-batches):
-about 12.6 h per 1000 updates, so mazes are for accelerators. TRM ran at 0.73-0.87 steps/s there. Speed of the
-default Sudoku TRM (420,657 parameters, width 128, batch 64), 2026-12-07, AVX2-only host, 2
-cores: 0.20 steps/s in bf16, 0.22-0.24 in fp32, so its 1000 steps take about 80 min there (an AMX host runs
-bf16 about 2-3x faster). The puzzles are generated first: Sudoku `default` ~19 min on 2 idle
-cores (`--config.data.variant=small`, the same 1,000 training puzzles and 2,000 held-out: ~5 min).
+held-out puzzles: exact accuracy TRM 9.2 / 5.8 / 2.4% (seeds 0-2; 24 min each at 0.73-0.87
+steps/s), HRM-style 1.8 / 2.4 / 2.0% (12 min each), single pass 0.0% (3 seeds, 1.7 min each); TRM
+on the extreme split (``small``) 2.2% (seed 0). The maze default ran at 0.022 steps/s on that host
+(about 12.6 h per 1000 updates): mazes are for accelerators. Speed of the default Sudoku TRM
+(420,657 parameters, width 128, batch 64), 2026-12-07, AVX2-only host, 2 cores: 0.20 steps/s in
+bf16, 0.22-0.24 in fp32, so its 1000 steps take about 80 min there (an AMX host runs bf16 about
+2-3x faster). The puzzles are generated first: Sudoku `default` ~19 min on 2 idle cores
+(`--config.data.variant=small`, the same 1,000 training puzzles and 2,000 held-out: ~5 min).
 """
 from jaxai import config_lib
 

@@ -18,8 +18,8 @@ Public API (what a TRM config needs):
 What is stored: each split holds the first ``VARIANTS[task][variant].puzzles[split]`` candidates,
 in seed order, that the task keeps: Sudoku candidates are ``sudoku.generate_puzzle(seed)`` kept by
 ``sudoku.is_extreme`` (the ``easy`` variant: by ``sudoku.is_easy``); maze candidates
-``maze.generate_maze(seed)`` (always long-path by construction). Train seeds count up from ``TRAIN_SEED_BASE``, heldout seeds from
-``HELDOUT_SEED_BASE``, so the two never share a generator seed, and the result does not depend on
+``maze.generate_maze(seed)`` (always long-path by construction). Train seeds count up from
+``TRAIN_SEED_BASE``, heldout seeds from ``HELDOUT_SEED_BASE``, so the two never share a generator seed, and the result does not depend on
 how many processes generate it. Each record is one puzzle: its tokens, its index in the split
 (``puzzle_id``), its seed (which regenerates it) and its ratings (Sudoku: ``clues``,
 ``search_nodes``; maze: ``path_length``); the split's number of candidates tried is in the
@@ -408,7 +408,8 @@ def measure(task: str, seeds: int, *, processes: int = 1, split: str = "train",
   kept = max(1, sum(record is not None for record in records))
   rule = VARIANTS[task][variant].candidate
   puzzles = {name: sum(v.puzzles.values()) for name, v in VARIANTS[task].items() if v.candidate is rule}
-  return {"task": task, "variant": variant, "split": split, "seeds": seeds, "kept": kept, "processes": processes,
+  return {"task": task, "variant": variant, "split": split, "seeds": seeds, "kept": kept,
+          "processes": processes,
           "candidates_per_kept": round(seeds / kept, 2),
           "wall_seconds_per_candidate": round(seconds / seeds, 4),
           "wall_seconds_per_kept": round(seconds / kept, 4),

@@ -7,11 +7,10 @@ The model is built as the run trained it (its ``data``, ``model`` and ``supervis
 ``DIR/trm/config.json``) and scored with the weights' moving average, as the paper reports
 (``task.evaluate_puzzles``: every puzzle through all supervision steps). ``--weights=raw`` scores
 the trained weights themselves: the paper's "no EMA" ablation, since the average never feeds back
-into training, so one run gives both. One JSON line: the
-checkpoint step, the reasoner and its parameter count, ``eval/exact_accuracy`` (the whole answer
-right after the last step) with its 95% Wilson interval, the accuracy after steps 1, 2, 4, 8,
-token accuracy, and the halt head's mean step and accuracy at it. ``--png`` draws up to four
-solved and four failed puzzles (``pictures``).
+into training, so one run gives both. One JSON line: the checkpoint step, the reasoner and its
+parameter count, ``eval/exact_accuracy`` (the whole answer right after the last step) with its 95%
+Wilson interval, the accuracy after steps 1, 2, 4, 8, token accuracy, and the halt head's mean
+step and accuracy at it. ``--png`` draws up to four solved and four failed puzzles (``pictures``).
 """
 import json
 import sys
@@ -21,8 +20,8 @@ from absl import flags
 from jaxai import cli, config_lib, host
 
 
-WEIGHTS = ("ema", "raw")
-_CHECKPOINT_KEY = {"ema": "ema_params", "raw": "params"}
+_CHECKPOINT_KEY = {"ema": "ema_params", "raw": "params"}  # --weights -> the checkpoint's entry
+WEIGHTS = tuple(_CHECKPOINT_KEY)
 
 
 def define_flags():
