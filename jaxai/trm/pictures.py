@@ -35,10 +35,11 @@ def _draw_sudoku(ax, inputs, labels, predictions):
 
 
 def maze_image(inputs, labels, predictions) -> np.ndarray:
-  """float [30, 30, 3] RGB of one maze and the model's path (module docstring's colours)."""
-  grid = lambda x: np.asarray(x).reshape(maze.SIZE, maze.SIZE)
+  """float [size, size, 3] RGB of one maze and the model's path (module docstring's colours)."""
+  size = maze.side(inputs)
+  grid = lambda x: np.asarray(x).reshape(size, size)
   inputs, labels, predictions = grid(inputs), grid(labels), grid(predictions)
-  image = np.ones((maze.SIZE, maze.SIZE, 3))
+  image = np.ones((size, size, 3))
   image[inputs == maze.WALL] = (0.2, 0.2, 0.2)
   on_path, marked = labels == maze.PATH, predictions == maze.PATH
   image[on_path & marked] = (0.1, 0.7, 0.1)

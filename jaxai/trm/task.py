@@ -42,7 +42,8 @@ def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   """The model of ``config.model`` on ``config.data.task`` (raises ValueError on bad values)."""
   m, spec = config.model, dataset.TASKS[config.data.task]
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-  fields = dict(vocab_size=spec.vocab_size, seq_len=spec.seq_len, reasoner=m.reasoner, mixer=m.mixer,
+  fields = dict(vocab_size=spec.vocab_size, seq_len=dataset.seq_len(config.data.task, config.data.variant),
+                reasoner=m.reasoner, mixer=m.mixer,
                 width=m.width, num_layers=m.num_layers, num_heads=m.num_heads, expansion=m.expansion,
                 hidden_multiple=m.hidden_multiple, puzzle_tokens=m.puzzle_tokens, rounds=m.rounds,
                 latent_steps=m.latent_steps, one_step_gradient=m.one_step_gradient, dtype=dtype)

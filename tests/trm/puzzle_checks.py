@@ -7,7 +7,8 @@ common with ``jaxai.trm.sudoku``'s solver (naked and hidden singles on bitmasks)
 puzzle passes when its clues agree with its solution, it has exactly that one solution, and it is
 minimal (each clue's removal admits a second solution).
 
-Maze: breadth-first search over the grid as a 30x30 array, from the START token and from the GOAL
+Maze: breadth-first search over the grid as a square array (30x30, or 12x12 for the CPU-sized
+variant), from the START token and from the GOAL
 token: a labelled path is right when the cells that lie on a shortest start-goal path (distance
 from the start + distance to the goal = the path's length) are exactly the start, the goal and the
 cells labelled PATH, one per distance. That set having one cell at each distance also means the
@@ -20,6 +21,7 @@ import numpy as np
 NUM_CELLS, BLANK, VOCAB_SIZE = 81, 0, 10  # Sudoku's documented encoding, spelled out again
 WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4  # the maze's documented tokens
 MAZE_SIZE, HARD_PATH_LENGTH = 30, 110  # Maze-Hard: shortest paths of more than 110 steps
+SMALL_MAZE_SIZE, SMALL_PATH_LENGTH = 12, 42  # the documented CPU-sized variant
 
 
 def _placement_constraints(row: int, col: int, digit: int) -> tuple:
@@ -164,22 +166,24 @@ def _distances(passable: np.ndarray, source: tuple[int, int]) -> np.ndarray:
   return distance
 
 
-def check_maze(inputs, labels, path_length: int | None = None) -> int:
-  """The checks every maze and each of its symmetries must pass; returns the path's length."""
+def check_maze(inputs, labels, path_length: int | None = None, *, size: int = MAZE_SIZE,
+               min_path_length: int = HARD_PATH_LENGTH) -> int:
+  """The checks every size x size maze and each of its symmetries must pass; returns the path's
+  length, which must exceed ``min_path_length``."""
   inputs, labels = np.asarray(inputs), np.asarray(labels)
-  assert inputs.shape == labels.shape == (MAZE_SIZE * MAZE_SIZE,)
+  assert inputs.shape == labels.shape == (size * size,)
   assert set(np.unique(inputs)) <= {WALL, OPEN, START, GOAL}
   assert set(np.unique(labels)) <= {WALL, OPEN, START, GOAL, PATH}
   assert np.sum(inputs == START) == 1 and np.sum(inputs == GOAL) == 1
   path = labels == PATH
   np.testing.assert_array_equal(labels[~path], inputs[~path])  # only open cells become path
   assert np.all(inputs[path] == OPEN)
-  grid, marked = inputs.reshape(MAZE_SIZE, MAZE_SIZE), path.reshape(MAZE_SIZE, MAZE_SIZE)
+  grid, marked = inputs.reshape(size, size), path.reshape(size, size)
   start = tuple(np.argwhere(grid == START)[0])
   goal = tuple(np.argwhere(grid == GOAL)[0])
   from_start, from_goal = _distances(grid != WALL, start), _distances(grid != WALL, goal)
   length = int(from_start[goal])
-  assert length > HARD_PATH_LENGTH, "shortest path not longer than Maze-Hard's 110 steps"
+  assert length > min_path_length, f"shortest path not longer than {min_path_length} steps"
   on_shortest = (from_start >= 0) & (from_start + from_goal == length)
   expected = marked.copy()
   expected[start] = expected[goal] = True

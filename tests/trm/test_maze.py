@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jaxai.trm import maze
-from puzzle_checks import GOAL, OPEN, PATH, START, WALL, check_maze
+from puzzle_checks import (GOAL, OPEN, PATH, SMALL_MAZE_SIZE, SMALL_PATH_LENGTH, START, WALL,
+                           check_maze)
 
 SEEDS = range(6)  # generated mazes checked here (the dataset's are checked in test_puzzle_dataset)
 
@@ -22,6 +23,25 @@ def test_generated_mazes_have_the_unique_long_shortest_path_labelled(seed):
   record = maze.record(seed)
   np.testing.assert_array_equal(record["labels"], generated.labels)
   assert record["path_length"] == generated.path_length
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_small_mazes_are_12x12_with_the_documented_long_unique_path(seed):
+  record = maze.small_record(seed)
+  small = dict(size=SMALL_MAZE_SIZE, min_path_length=SMALL_PATH_LENGTH)
+  assert check_maze(record["inputs"], record["labels"], record["path_length"], **small) > 42
+  assert np.mean(record["inputs"] != WALL) > 0.4
+  for k in (1, 6):  # the symmetries of a 12x12 grid keep it valid
+    check_maze(maze.dihedral(record["inputs"], k), maze.dihedral(record["labels"], k), **small)
+  np.testing.assert_array_equal(maze.dihedral(record["inputs"], 1).reshape(12, 12),
+                                np.rot90(record["inputs"].reshape(12, 12)))
+
+
+def test_bad_maze_sizes_are_errors():
+  with pytest.raises(ValueError, match="even and >= 4"):
+    maze.generate_maze(0, size=13)
+  with pytest.raises(ValueError, match="not square"):
+    maze.dihedral(np.zeros(140, np.uint8), 1)
 
 
 def test_mazes_have_loops():

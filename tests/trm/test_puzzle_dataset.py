@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, made_once, subprocess_env
 from jaxai.trm import dataset, maze, sudoku
-from puzzle_checks import check_maze, check_puzzle
+from puzzle_checks import SMALL_MAZE_SIZE, SMALL_PATH_LENGTH, check_maze, check_puzzle
 
 TASKS = ("sudoku", "maze")
 SEQ_LEN = {"sudoku": 81, "maze": 900}
@@ -94,6 +94,18 @@ def test_examples_have_the_documented_shapes_tokens_and_augmentations(data_dir, 
     assert not np.array_equal(other[4]["inputs"], examples[4]["inputs"])
 
 
+def test_the_small_maze_variant_keeps_12x12_mazes_in_144_tokens(tmp_path):
+  """Its candidates (first of each split), its stored feature shape and the model's length."""
+  assert dataset.seq_len("maze", "small") == 144 and dataset.seq_len("maze", "default") == 900
+  for split in dataset.SPLITS:
+    seed, record = next(dataset.kept_candidates("maze", split, 1, variant="small"))
+    assert seed == dataset.seed_base(split)
+    check_maze(record["inputs"], record["labels"], record["path_length"], size=SMALL_MAZE_SIZE,
+               min_path_length=SMALL_PATH_LENGTH)
+  builder = dataset.TrmPuzzles(config="maze_small", data_dir=str(tmp_path), file_format="array_record")
+  assert builder.info.features["inputs"].shape == builder.info.features["labels"].shape == (144,)
+
+
 def test_examples_batch_through_grain(data_dir):
   batches = list(dataset.examples(data_dir, "sudoku", "heldout", variant="tiny", copies=2).batch(4))
   assert [b["inputs"].shape for b in batches] == [(4, 81), (4, 81)]
@@ -148,7 +160,7 @@ def test_bad_names_and_copies_are_readable_value_errors(data_dir):
       (lambda: dataset.load(data_dir, "chess", "train"),
        "unknown trm_puzzles task 'chess'; choose from sudoku, maze"),
       (lambda: dataset.examples(data_dir, "maze", "train", variant="huge"),
-       "unknown trm_puzzles maze variant 'huge'; choose from tiny, default"),
+       "unknown trm_puzzles maze variant 'huge'; choose from tiny, default, small"),
       (lambda: dataset.load(data_dir, "maze", "test", variant="tiny"),
        "unknown split 'test'; choose from train, heldout"),
       (lambda: dataset.examples(data_dir, "maze", "train", variant="tiny", copies=9),

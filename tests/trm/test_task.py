@@ -138,3 +138,13 @@ def test_the_single_pass_takes_trms_parameter_count():
   trm = model_lib.param_count(task.model_config(config_of("trm", "tiny")))
   single = model_lib.param_count(task.model_config(config_of("trm", "tiny", model__reasoner="single_pass")))
   assert abs(single - trm) / trm < 0.01
+
+
+def test_the_maze_cpu_default_is_12x12_and_full_the_papers_30x30():
+  for variant, cells in (("maze", 144), ("maze,full", 900), ("maze,tiny", 900)):
+    config = config_of("trm", variant)
+    task.validate(config)
+    model_cfg = task.model_config(config)
+    assert model_cfg.mixer == "attention" and model_cfg.seq_len == cells, variant
+  with pytest.raises(config_lib.ConfigError, match="data.variant"):
+    task.validate(config_of("trm", "maze", data__variant="easy"))  # a Sudoku variant
