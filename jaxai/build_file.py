@@ -17,7 +17,8 @@ THIRD_PARTY = {
     "absl": "absl-py", "array_record": "array-record", "chex": "chex", "craftax": "craftax",
     "distrax": "distrax", "etils": "etils", "flax": "flax", "grain": "grain", "jax": "jax", "matplotlib": "matplotlib",
     "ml_collections": "ml-collections", "numpy": "numpy", "optax": "optax", "orbax": "orbax-checkpoint", "PIL": "pillow", "portpicker": "portpicker",
-    "pytest": "pytest", "rlax": "rlax", "scipy": "scipy", "tensorboardX": "tensorboardX",
+    "pytest": "pytest", "reasoning_gym": "reasoning-gym", "rlax": "rlax", "scipy": "scipy",
+    "tensorboardX": "tensorboardX",
     "tensorflow_datasets": "tensorflow-datasets", "tqdm": "tqdm",
     # only bench_dreamer4_torch.py, run in its own virtualenv
     "torch": "torch", "dreamer4": "dreamer4",

@@ -25,6 +25,7 @@ import ml_collections
 from jaxai import checkpointing, config_lib
 
 REGISTRY = {
+    "diffusion_lm": "jaxai.diffusion_lm.task",
     "lm": "jaxai.lm.task",
     "trm": "jaxai.trm.task",
     "world_model": "jaxai.world_model.task",

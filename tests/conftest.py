@@ -138,6 +138,14 @@ def fixture_tiny_trm(tmp_path_factory, tiny_trm_puzzles):
   return config, made_once(tmp_path_factory, "tiny_trm", lambda path: main.run(config, str(path)))
 
 
+@pytest.fixture(scope="session", name="tiny_diffusion_lm")
+def fixture_tiny_diffusion_lm(tmp_path_factory):
+  """``configs/diffusion_lm.py:tiny`` trained as written (both stages): (config, workdir). Read only."""
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  config = config_of("diffusion_lm", "tiny")
+  return config, made_once(tmp_path_factory, "tiny_diffusion_lm", lambda path: main.run(config, str(path)))
+
+
 @pytest.fixture(name="repo_root")
 def fixture_repo_root():
   return REPO_ROOT

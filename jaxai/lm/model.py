@@ -50,6 +50,9 @@ class DecoderLM(nn.Module):
   """``model(tokens, positions=None, kv_mask=None, cache=None)``: tokens [B, T] -> logits [B, T, V]
   (fp32), or ``(logits, updated cache)`` with a cache.
 
+  With ``bidirectional`` every position attends to every other (no cache): the same stack as the
+  denoiser of a masked diffusion LM (``jaxai/diffusion_lm``), which predicts all positions at once.
+
   positions: [B, T] RoPE positions; default 0..T-1, offset by the cache's index with a cache.
   kv_mask: [B, T] bool, False for padding tokens: no query attends to their keys (the padding's
     own outputs are meaningless). Default: all real.
@@ -60,10 +63,13 @@ class DecoderLM(nn.Module):
   vocab_size: int
   window_tokens: int | None = None  # sliding-window attention when set
   logit_soft_cap: float | None = None
+  bidirectional: bool = False
 
   @nn.compact
   def __call__(self, tokens, positions=None, kv_mask=None, cache=None):
     c = self.block
+    if self.bidirectional and (cache is not None or self.window_tokens):
+      raise ValueError("a bidirectional model has no KV cache and no sliding window")
     embed = self.param("embed", layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
                        (self.vocab_size, c.width), jnp.float32)
     x = jnp.take(embed, tokens, axis=0).astype(c.dtype)
@@ -78,7 +84,8 @@ class DecoderLM(nn.Module):
       kv_mask = jax.lax.dynamic_update_slice_in_dim(cache["kv_mask"], new, index, 1)
     if kv_mask is not None:  # broadcasts against the attention logits [B, K, G, T, S]
       mask = kv_mask.astype(bool)[:, None, None, None, :]
-    stack = transformer.BlockStack(c, self.num_layers, window_frames=self.window_tokens, name="block")
+    stack = transformer.BlockStack(c, self.num_layers, frame_sizes=(None,) if self.bidirectional else (1,),
+                                   window_frames=self.window_tokens, name="block")
     if cache is None:
       x = stack(x, positions, mask)
     else:

@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO_ROOT, config_of, run_main
 from jaxai import dry_run, stages
 
+# Stages whose paper-scale model is small: Learn2PD's filter is the paper's ~2K parameters.
+SMALL_BY_DESIGN = ("filter",)
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
 
 
@@ -59,11 +61,12 @@ def test_full_variant_compiles_for_a_v5e_256_slice_within_a_chips_memory(name, t
       assert record["devices"] == 256 and record["device_kind"] == "TPU v5 lite"
       assert record["fits"], record
       # auto attention is a Mosaic kernel here, which XLA counts as zero: counted on the XLA path.
-      assert record["flops_per_step"] > 1e12, record
+      assert record["flops_per_step"] > 1e12 or record["stage"] in SMALL_BY_DESIGN, record
   assert [r["stage"] for r in records] == stages.selected(config)
   for record in records:
     # Paper scale, not always large: TRM's full model is the paper's 5M parameters.
-    assert record["parameters"] > 1e6 and record["memory_per_device_bytes"] > 0
+    assert record["parameters"] > 1e6 or record["stage"] in SMALL_BY_DESIGN, record
+    assert record["memory_per_device_bytes"] > 0
   assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
