@@ -25,8 +25,10 @@ Figure reached (2026-12-07, AVX-512-bf16 host, 2 cores; docs/trm.md "Comparison 
 split"): on the easy split (``--config.data.variant=easy``), 1000 updates, EMA weights, 500
 held-out puzzles: exact accuracy TRM 9.2 / 5.8 / 2.4% (seeds 0-2; 24 min each at 0.73-0.87
 steps/s), HRM-style 1.8 / 2.4 / 2.0% (12 min each), single pass 0.0% (3 seeds, 1.7 min each); TRM
-on the extreme split (``small``) 2.2% (seed 0). The maze default ran at 0.022 steps/s on that host
-(about 12.6 h per 1000 updates): mazes are for accelerators. Speed of the default Sudoku TRM
+on the extreme split (``small``) 2.2% (seed 0). Mazes, the CPU default (12x12, 1000 updates, 500
+held-out mazes, seed 0): TRM 0.4% (38 min at 0.53-0.66 steps/s), HRM-style 2.0% (19 min), single
+pass 0.0%. The 30x30 mazes ran at 0.022 steps/s on that host (about 12.6 h per 1000 updates): they
+are for accelerators. Speed of the default Sudoku TRM
 (420,657 parameters, width 128, batch 64), 2026-12-07, AVX2-only host, 2 cores: 0.20 steps/s in
 bf16, 0.22-0.24 in fp32, so its 1000 steps take about 80 min there (an AMX host runs bf16 about
 2-3x faster). The puzzles are generated first: Sudoku `default` ~19 min on 2 idle cores
