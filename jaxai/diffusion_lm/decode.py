@@ -37,7 +37,6 @@ def define_flags():
 def run_decoders(config, workdir: str, *, decoders, gen_lens, problems: int, show: int = 0):
   """Yields the JSON records described in the module docstring."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxai import stages  # pylint: disable=g-import-not-at-top
   from jaxai.diffusion_lm import decoding, learn2pd, task, tasks  # pylint: disable=g-import-not-at-top
   for name in decoders:
@@ -61,19 +60,16 @@ def run_decoders(config, workdir: str, *, decoders, gen_lens, problems: int, sho
   count = min(problems, len(heldout))
   prompts = heldout.tokens[:count, :c.data.prompt_len]
   size = c.decoding.batch_size
-  batches = list(task.padded_batches(prompts, size))
+  first_batch = next(task.padded_batches(prompts, size))[0]
   for gen_len in gen_lens:
     reference = None
     for name in decoders:
       decode = task.make_decode(c, model, name, gen_len, filter_model)
-      jax.block_until_ready(decode(trained.params, batches[0][0], filter_params))  # compile
+      jax.block_until_ready(decode(trained.params, first_batch, filter_params))  # compile
       start = time.perf_counter()
-      outs = [jax.device_get(decode(trained.params, rows, filter_params)) for rows, _ in batches]
+      generated, calls, eot_calls = task.decode_rows(decode, trained.params, prompts, size, filter_params)
       seconds = time.perf_counter() - start
-      generated = np.concatenate([o.tokens[:real] for o, (_, real) in zip(outs, batches)])
-      calls = np.concatenate([o.calls[:real] for o, (_, real) in zip(outs, batches)])
-      eot_calls = np.concatenate([o.eot_calls[:real] for o, (_, real) in zip(outs, batches)])
-      right = tasks.solved(task.first_problems(heldout, count), generated)
+      right = tasks.solved(heldout, generated)
       record = {"decoder": name, "gen_len": gen_len, "problems": count, "denoiser_step": trained.step,
                 "accuracy": round(float(right.mean()), 4), "calls_per_answer": round(float(calls.mean()), 2),
                 "seconds": round(seconds, 2), "answers_per_second": round(count / seconds, 3)}

@@ -142,6 +142,13 @@ def padded_batches(rows: np.ndarray, size: int):
     yield np.concatenate([chunk, np.repeat(chunk[:1], size - real, axis=0)]), real
 
 
+def decode_rows(decode, params, prompts: np.ndarray, size: int, filter_params=None) -> decoding.Decoded:
+  """``make_decode``'s ``decode`` over ``prompts`` [N, P] in padded batches of ``size``: one
+  ``Decoded`` of numpy arrays for the N real rows."""
+  outs = [(jax.device_get(decode(params, rows, filter_params)), real) for rows, real in padded_batches(prompts, size)]
+  return decoding.Decoded(*(np.concatenate([getattr(o, k)[:real] for o, real in outs]) for k in decoding.Decoded._fields))
+
+
 def _diffusion_lm_stage(config, workdir) -> stages.Stage:
   del workdir
   model = make_model(config)
@@ -194,23 +201,13 @@ def _diffusion_lm_stage(config, workdir) -> stages.Stage:
       text_loss = mean_loss(params, np.stack([windows[int(i)]["tokens"] for i in picks]), 0)
       scores.update({"eval/text_loss": text_loss, "eval/text_bits_per_byte_bound": text_loss / np.log(2)})
     count = min(config.decoding.eval_problems, len(heldout))
-    generated, calls = [], []
-    for rows, real in padded_batches(heldout.tokens[:count], size):
-      out = jax.device_get(decode(params, rows[:, :prompt_len], None))
-      generated.append(out.tokens[:real])
-      calls.append(out.calls[:real])
-    right = tasks.solved(first_problems(heldout, count), np.concatenate(generated))
-    scores.update({"eval/accuracy": float(right.mean()),
-                   "eval/calls_per_answer": float(np.concatenate(calls).mean())})
+    out = decode_rows(decode, params, heldout.tokens[:count, :prompt_len], size)
+    scores.update({"eval/accuracy": float(tasks.solved(heldout, out.tokens).mean()),
+                   "eval/calls_per_answer": float(out.calls.mean())})
     return scores
 
   return stages.Stage(name="diffusion_lm", config=config, init_params=init_params, loss=loss,
                       make_data=make_data, abstract_batch=abstract_batch, evaluate=evaluate)
-
-
-def first_problems(problems_: tasks.Problems, count: int) -> tasks.Problems:
-  return tasks.Problems(problems_.tokens[:count], problems_.entries[:count], problems_.tasks[:count],
-                        problems_.prompt_len, problems_.dropped)
 
 
 def load_denoiser(config, run_dir: str) -> stages.TrainedStage:

@@ -99,12 +99,13 @@ def make_problems(tasks: Sequence[str], per_task: int, split: str, *, prompt_len
 
 
 def solved(problems: Problems, generated: np.ndarray) -> np.ndarray:
-  """bool [N]: the decoded answer (of generation regions [N, G]) gets its task's full score,
-  ``score_answer`` = 1.0 (some scorers give partial credit to a wrong but well-formed answer)."""
+  """bool [N]: the decoded answer of each of the first N problems (generation regions [N, G]) gets
+  its task's full score, ``score_answer`` = 1.0 (some scorers give partial credit to a wrong but
+  well-formed answer)."""
   import reasoning_gym  # pylint: disable=g-import-not-at-top
   scorers = {}
-  out = np.zeros(len(problems), bool)
-  for i, (entry, task) in enumerate(zip(problems.entries, problems.tasks)):
+  out = np.zeros(len(generated), bool)
+  for i, (entry, task) in enumerate(zip(problems.entries[:len(generated)], problems.tasks)):
     if task not in scorers:
       scorers[task] = reasoning_gym.get_score_answer_fn(task)
     out[i] = scorers[task](decode_answer(generated[i]), entry) == 1.0
