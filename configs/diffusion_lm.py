@@ -16,8 +16,10 @@ Commands:
       --decoders=one_per_step,llada,fast_dllm,learn2pd,eotp,learn2pd_eotp --gen_lens=256,1024
   python -m jaxai.main --config=configs/diffusion_lm.py:full --workdir=DIR --dry_run
 
-Figure reached: none yet. The tiny variant trains in the tests (AVX-512-bf16 host, seconds); the
-CPU default has not been trained (docs/diffusion_lm.md says what exists and what is missing).
+Figure reached (AVX-512-bf16 host, CPU default, 2700 updates, about 37 min): held-out accuracy
+1.0 on 64 spell_backward problems; at length 256 Learn2PD + EoTP took 1.0 denoiser call per
+answer against 256 for one token per step (fast_dllm 8.12, learn2pd 8.0), all at accuracy 1.0
+(docs/diffusion_lm.md).
 """
 from jaxai import config_lib
 
@@ -33,16 +35,19 @@ def get_config(arg=None):
                                       optimizer=dict(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0)),
   )
   c.data = dict(
-      # reasoning-gym datasets (their default difficulty): short questions with exact answers.
-      tasks=("spell_backward", "chain_sum", "word_sequence_reversal"),
+      # reasoning-gym's spell_backward (its default difficulty: the question is at most 58 bytes):
+      # the one task the CPU budget learns. The three-task mix of `full` (with chain_sum and
+      # word_sequence_reversal, prompts up to 218 bytes) reached 0 of 64 held-out answers after
+      # 1500 updates here (docs/diffusion_lm.md).
+      tasks=("spell_backward",),
       train_per_task=20_000,   # problems drawn per task for training (held-out questions removed)
       heldout_per_task=200,
-      prompt_len=224,          # bytes; the longest question of these tasks is 218
+      prompt_len=64,           # bytes
       gen_len=256,             # the generation region the denoiser is trained on
       block_len=32,            # semi-autoregressive block (the paper's and Learn2PD's filter width)
       # Rows of plain text (every position maskable) mixed in for language modelling.
       text_source="stdlib",    # the Python standard library's source, or a directory / file
-      text_fraction=0.25,
+      text_fraction=0.1,
       eval_text_windows=64,
   )
   c.model = dict(width=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32, mlp_hidden=768,
@@ -61,9 +66,9 @@ def get_config(arg=None):
       eval_problems=64,
   )
   c.batch_size = 16
-  c.total_steps = 1500
+  c.total_steps = 2700
   c.log_every = 50
-  c.eval_every = 500
+  c.eval_every = 1350
   c.checkpoint_every = 250
   c.compute_dtype = "bfloat16"
   c.optimizer.update(learning_rate=1e-3, warmup_steps=100)
@@ -83,7 +88,8 @@ def get_config(arg=None):
     c.stages.filter.update(batch_size=8, total_steps=4, eval_every=0, checkpoint_every=4)
     c.stages.filter.optimizer.warmup_steps = 2
   elif variant == "full":
-    c.data.update(gen_len=1024, train_per_task=200_000, heldout_per_task=1000)
+    c.data.update(tasks=("spell_backward", "chain_sum", "word_sequence_reversal"), prompt_len=224, text_fraction=0.25,
+                  gen_len=1024, train_per_task=200_000, heldout_per_task=1000)
     c.model.update(width=1024, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=64, mlp_hidden=4096,
                    scan_layers=True, remat="dots")
     c.filter.update(train_prompts=1024, heldout_prompts=256)

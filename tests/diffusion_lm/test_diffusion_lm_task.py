@@ -43,6 +43,17 @@ def test_decode_command_prints_a_line_per_decoder_and_length(tiny_diffusion_lm, 
   assert by_name[("llada", 32)]["calls_per_answer"] == 32 // 8 * 4  # 4 steps per block of 8
   for r in records:
     assert r["problems"] == 3 and len(r["answers"]) == 1 and "calls_speedup" in r
+  # Without one_per_step, its line is derived from eotp's and must equal the measured one.
+  derived = subprocess.run(args[:5] + ["--gen_lens=32", "--problems=3", "--decoders=fast_dllm,eotp"], cwd=REPO_ROOT,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert derived.returncode == 0, derived.stderr[-2000:]
+  lines = {r["decoder"]: r for r in map(json.loads, derived.stdout.strip().splitlines())}
+  assert list(lines) == ["one_per_step", "fast_dllm", "eotp"]
+  measured = by_name[("one_per_step", 32)]
+  for key in ("accuracy", "calls_per_answer", "after_eot_share"):
+    assert lines["one_per_step"][key] == measured[key], key
+  assert lines["one_per_step"]["seconds"] is None and "wall_speedup" not in lines["fast_dllm"]
+  assert lines["fast_dllm"]["calls_speedup"] == by_name[("fast_dllm", 32)]["calls_speedup"]
   missing = subprocess.run(args[:4] + [f"--workdir={tmp_path}"], cwd=REPO_ROOT, env=subprocess_env(),
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("checkpoint error:")
