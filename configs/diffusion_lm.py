@@ -35,10 +35,8 @@ def get_config(arg=None):
                                       optimizer=dict(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0)),
   )
   c.data = dict(
-      # reasoning-gym's spell_backward (its default difficulty: the question is at most 58 bytes):
-      # the one task the CPU budget learns. The three-task mix of `full` (with chain_sum and
-      # word_sequence_reversal, prompts up to 218 bytes) reached 0 of 64 held-out answers after
-      # 1500 updates here (docs/diffusion_lm.md).
+      # reasoning-gym's spell_backward (its default difficulty: questions of at most 58 bytes), the
+      # one task the CPU budget learns (docs/diffusion_lm.md); `full` trains a three-task mix.
       tasks=("spell_backward",),
       train_per_task=20_000,   # problems drawn per task for training (held-out questions removed)
       heldout_per_task=200,

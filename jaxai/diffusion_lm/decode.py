@@ -82,9 +82,11 @@ def run_decoders(config, workdir: str, *, decoders, gen_lens, problems: int, sho
         record["answers"] = [{"got": tasks.decode_answer(g), "want": e["answer"]}
                              for g, e in zip(generated[:show], heldout.entries[:show])]
       records[name] = record
+      if name == "eotp":
+        eotp_calls = calls
       print(f"decoded {count} problems with {name} at length {gen_len} in {seconds:.1f} s", file=sys.stderr, flush=True)
     if "one_per_step" not in records and "eotp" in records:
-      records = {"one_per_step": derived_reference(records["eotp"]), **records}
+      records = {"one_per_step": derived_reference(records["eotp"], eotp_calls), **records}
     reference = records.get("one_per_step")
     for record in records.values():
       if reference is not None:
@@ -95,15 +97,16 @@ def run_decoders(config, workdir: str, *, decoders, gen_lens, problems: int, sho
       yield record
 
 
-def derived_reference(eotp: dict) -> dict:
-  """The one-per-step record implied by the ``eotp`` decode's, without running it: until its stop,
-  EoTP's decode is the one-per-step decode (so the same answers: the tests check this), and one
-  per step always takes ``gen_len`` calls. Its wall time is unknown (None)."""
+def derived_reference(eotp: dict, eotp_calls) -> dict:
+  """The one-per-step record implied by the ``eotp`` decode (its record and per-answer calls),
+  without running it: until its stop, EoTP's decode is the one-per-step decode (so the same
+  answers: the tests check this), and one per step always takes ``gen_len`` calls, so its
+  ``after_eot_share`` is the same formula as a measured one's. Its wall time is unknown (None)."""
   gen_len = eotp["gen_len"]
   return {"decoder": "one_per_step", "derived_from": "eotp", "gen_len": gen_len, "problems": eotp["problems"],
           "denoiser_step": eotp["denoiser_step"], "accuracy": eotp["accuracy"], "calls_per_answer": float(gen_len),
           "seconds": None, "answers_per_second": None,
-          "after_eot_share": round(1.0 - eotp["calls_per_answer"] / gen_len, 4)}
+          "after_eot_share": round(float(1.0 - eotp_calls.sum() / (len(eotp_calls) * gen_len)), 4)}
 
 
 def main(argv):
