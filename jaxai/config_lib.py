@@ -188,7 +188,8 @@ def stage_overlay(*, reads: Sequence[str] = (), init_from: str = "", in_all: boo
 
   Args:
     reads: earlier stages whose checkpoints this stage reads (frozen models, data made by them).
-    init_from: an earlier stage whose parameters start this one where their paths match.
+    init_from: an earlier stage whose parameters start this one where their paths match; the
+      stage's own name starts it from its checkpoint in the run ``reads_from`` (a finetune).
     in_all: whether ``stage=all`` trains it (a diagnostic stage may be run only by name).
     optimizer, mesh: the stage's own optimizer and mesh fields.
     **fields: any of ``STAGE_FIELDS``.

@@ -13,9 +13,12 @@ extra), from any machine, and fails if a chip's memory would not hold the step.
 Bad input (an unknown field, a mesh that does not fit the devices, an indivisible batch, a missing
 dataset, an unreadable checkpoint) ends the run with one line ``config error: <field>: <reason>``
 (or ``checkpoint error: ...``) on stderr and exit code 2, before anything in the workdir is touched.
+SIGTERM (preemption) checkpoints the stage in training and ends the run with exit code 143; a
+stage cut short by ``max_steps_per_run`` ends it too, so no later stage reads an unfinished one.
 """
 import json
 import os
+import sys
 
 from absl import flags
 
@@ -52,7 +55,15 @@ def run(config, workdir: str) -> list[dict]:
   from jaxai import stages, train  # pylint: disable=g-import-not-at-top
   _initialize_distributed(config)
   module, stage_configs = stages.validate_run(config, workdir, jax.device_count())
-  return [train.train(module.build_stage(stage_config, workdir), workdir) for stage_config in stage_configs]
+  results = []
+  for stage_config in stage_configs:
+    results.append(train.train(module.build_stage(stage_config, workdir), workdir))
+    reached = results[-1].get("step", stage_config.total_steps)
+    if reached < stage_config.total_steps:  # max_steps_per_run: the stages after it wait for it
+      print(f"{stage_config.stage}: stopped at step {reached} of {stage_config.total_steps} "
+            "(max_steps_per_run); rerun to go on", file=sys.stderr, flush=True)
+      break
+  return results
 
 
 def main(argv):
@@ -76,6 +87,8 @@ def main(argv):
     cli.fail("memory error", str(e), code=1)
   except train.NonFiniteLoss as e:
     cli.fail("training error", str(e), code=1)
+  except train.Preempted as e:
+    cli.fail("preempted", str(e), code=143)  # 128 + SIGTERM, as a shell reports a killed job
 
 
 if __name__ == "__main__":

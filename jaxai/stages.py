@@ -2,7 +2,8 @@
 trained stage as it was trained.
 
 A config declares its stages in ``config.stages`` (``config_lib.stage_overlay`` each: the trainer
-fields the stage sets for itself, the earlier stages it ``reads`` or is ``init_from``);
+fields the stage sets for itself, the earlier stages it ``reads`` or is ``init_from``; a stage
+``init_from`` itself starts from its own checkpoint in the run ``reads_from``, a finetune);
 ``config.stage`` names one of them or ``all``. Each stage trains in ``<workdir>/<stage>/`` with its
 own checkpoints, ``metrics.jsonl`` and ``config.json`` (the stage's resolved config). The stages
 run in dependency order (a stage after those it reads or starts from).
@@ -128,6 +129,12 @@ def order(config: ml_collections.ConfigDict) -> list[str]:
     for need in needs:
       config_lib.check(need in config.stages, f"stages.{name}.reads",
                        f"reads an unknown stage {need!r}; stages: {', '.join(names)}")
+    if overlay.init_from == name:
+      # A stage started from its own checkpoint in another run (a finetune) waits for nothing here.
+      config_lib.check(bool(overlay.reads_from), f"stages.{name}.init_from",
+                       f"names the stage itself: set stages.{name}.reads_from to the run whose "
+                       f"{name!r} checkpoint it starts from")
+      needs = [need for need in needs if need != name]
     graph[name] = needs
   sorter = graphlib.TopologicalSorter(graph)
   try:

@@ -144,6 +144,11 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation, schedule):
   return train_step
 
 
+class Preempted(Exception):
+  """SIGTERM stopped a stage after its checkpoint; the run must end there, not go on to the next
+  stage on an unfinished one."""
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm():
   """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary."""
@@ -303,7 +308,8 @@ def load_frozen(train_state: TrainState, workdir: str) -> dict:
 
 
 def train(stage: Stage, workdir: str) -> dict:
-  """Trains (or resumes) ``stage`` in ``workdir/<stage.name>``; returns the last logged metrics."""
+  """Trains (or resumes) ``stage`` in ``workdir/<stage.name>``; returns the last logged metrics.
+  Raises ``Preempted`` after checkpointing when SIGTERM arrives."""
   config = stage.config
   run_dir = stages.stage_dir(workdir, stage.name)
   is_chief = jax.process_index() == 0
@@ -353,12 +359,11 @@ def train(stage: Stage, workdir: str) -> dict:
             values["steps_per_sec"] = progress.update(step, {k: values[k] for k in ("loss",) if k in values})
             writer.write(step, values)
             last_logged = {"step": step, **values}
-          if step % config.checkpoint_every == 0 or last:
+          if step % config.checkpoint_every == 0 or last or stop["stop"]:  # SIGTERM may come mid-evaluation
             _check_finite(step, step_metrics, ckpt)
             ckpt.save(step, state, data_iter)
           if stop["stop"]:
-            print(f"SIGTERM: checkpointed step {step}, exiting", file=sys.stderr, flush=True)
-            break
+            raise Preempted(f"{stage.name} checkpointed at step {step} after SIGTERM; the same command resumes it")
     finally:
       ckpt.close()
       writer.close()

@@ -11,7 +11,8 @@ Stages (``config.stages``):
   ``decoding.eval_decoder`` on the first ``decoding.eval_problems`` held-out problems.
 - ``filter``: Learn2PD's filter (``learn2pd.Filter``) on the frozen denoiser. Its data are made
   when it starts (the "filter data" step): the denoiser decodes ``filter.train_prompts`` training
-  prompts one token per step (the reference), then the oracle replays them
+  prompts one token per step (the reference; with ``filter.reference = 'eotp'`` it stops at the
+  answer's end-of-text, the same tokens up to there and EOT after), then the oracle replays them
   (``decoding.oracle_labels``); the (confidences, labels, weights) rows are cached in
   ``<reads_dir>/diffusion_lm/filter_data/`` by denoiser step, so a resumed or repeated filter run
   reuses them. The loss is BCE; evaluation: accuracy and the share of positives on held-out
@@ -57,6 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in d.tasks:
     config_lib.check(name in known, "data.tasks", f"{name!r} is not a reasoning-gym dataset")
   config_lib.check_choice(config, "decoding.eval_decoder", tuple(decoding.DECODERS))
+  config_lib.check_choice(config, "filter.reference", ("one_per_step", "eotp"))
   config_lib.check(1 <= config.decoding.steps_per_block <= d.block_len, "decoding.steps_per_block",
                    f"must be in [1, data.block_len={d.block_len}]")
   config_lib.check_range(config, "decoding.threshold", 0.0, 1.0)
@@ -219,12 +221,14 @@ def filter_rows(config, trained: stages.TrainedStage, split: str, count: int) ->
   """The oracle's (confidences, labels, weights) rows [N, block_len] for the first ``count``
   prompts of ``split`` (rows with no masked position dropped), cached by denoiser step."""
   c = trained.config
-  cache = os.path.join(trained.directory, "filter_data", f"{split}_{count}_step{trained.step}.npz")
+  reference_name = config.filter.reference
+  tag = "" if reference_name == "one_per_step" else f"_{reference_name}"
+  cache = os.path.join(trained.directory, "filter_data", f"{split}_{count}{tag}_step{trained.step}.npz")
   if os.path.exists(cache):
     with np.load(cache) as f:
       return dict(f)
   model = make_model(c)
-  reference = make_decode(c, model, "one_per_step", c.data.gen_len)
+  reference = make_decode(c, model, reference_name, c.data.gen_len)
   oracle = jax.jit(functools.partial(decoding.oracle_labels, denoiser(model), gen_len=c.data.gen_len,
                                      block_len=c.data.block_len))
   rows = problems(c, split).tokens[:count, :c.data.prompt_len]

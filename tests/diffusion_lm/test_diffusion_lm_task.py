@@ -4,11 +4,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, config_of, subprocess_env
-from jaxai import config_lib, train
+from jaxai import checkpointing, config_lib, stages, train
 from jaxai.diffusion_lm import decoding, task
 
 
@@ -59,12 +60,40 @@ def test_decode_command_prints_a_line_per_decoder_and_length(tiny_diffusion_lm, 
   assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("checkpoint error:")
 
 
+def test_the_long_variant_finetunes_another_run_and_its_filter_replays_eotp(tiny_diffusion_lm, tmp_path):
+  base_config, base = tiny_diffusion_lm
+  long = config_of("diffusion_lm", "long")
+  assert (long.data.gen_len, long.stages.diffusion_lm.init_from, long.filter.reference) == (1024, "diffusion_lm", "eotp")
+  with pytest.raises(config_lib.ConfigError, match="reads_from"):
+    stages.order(long)
+  # The same path at the tiny size: the tiny run's denoiser finetuned at twice its length.
+  gen_len = 2 * base_config.data.gen_len
+  config = config_of("diffusion_lm", "tiny", data__gen_len=gen_len, filter__reference="eotp",
+                     decoding__eval_decoder="eotp")
+  config.stages.diffusion_lm.update(init_from="diffusion_lm", reads_from=str(base), total_steps=2,
+                                    optimizer=dict(learning_rate=1e-9))
+  before = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  main.run(config, str(tmp_path))
+  assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == before  # the base run untouched
+  _, start = checkpointing.restore_params(str(base / "diffusion_lm" / "checkpoints"))
+  _, tuned = checkpointing.restore_params(str(tmp_path / "diffusion_lm" / "checkpoints"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, start)
+  cached = sorted(os.listdir(tmp_path / "diffusion_lm" / "filter_data"))
+  assert cached == ["heldout_4_eotp_step2.npz", "train_4_eotp_step2.npz"]
+  with np.load(tmp_path / "diffusion_lm" / "filter_data" / "train_4_eotp_step2.npz") as f:
+    assert f["confidences"].shape[1] == config.data.block_len and f["weights"].any(-1).all()
+    # one row per oracle step: at least one per block, at most one per position
+    assert 4 * gen_len // config.data.block_len <= len(f["confidences"]) <= 4 * gen_len
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(data__gen_len=20), "data.gen_len"),
     (dict(data__tasks=("no_such_task",)), "data.tasks"),
     (dict(decoding__eval_decoder="beam"), "decoding.eval_decoder"),
     (dict(decoding__steps_per_block=9), "decoding.steps_per_block"),
     (dict(filter__tau=1.5), "filter.tau"),
+    (dict(filter__reference="llada"), "filter.reference"),
     (dict(stages=dict(distill=config_lib.stage_overlay())), "stages"),
 ])
 def test_bad_config_values_name_their_field(overrides, field):
@@ -74,7 +103,6 @@ def test_bad_config_values_name_their_field(overrides, field):
 
 def test_training_rows_mix_problems_and_fully_maskable_text(tmp_path):
   config = config_of("diffusion_lm", "tiny", batch_size=64)
-  from jaxai import stages  # pylint: disable=g-import-not-at-top
   stage = task.build_stage(stages.stage_config(config, "diffusion_lm"), str(tmp_path))
   batch = next(iter(stage.make_data(0, 1)))
   text = batch["maskable_from"] == 0

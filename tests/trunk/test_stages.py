@@ -3,6 +3,7 @@ parameters as a step input, trainable masks, parameters started from an earlier 
 on-policy inside the step (REINFORCE on a bandit), and loading a stage as it was trained."""
 import dataclasses
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,35 @@ def test_a_stage_can_start_from_an_earlier_stages_parameters(tmp_path):
   run_stage(config, "second", tmp_path, **teacher_stage())
   _, second = checkpointing.restore_params(str(tmp_path / "second" / "checkpoints"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), second, first)
+
+
+def test_a_stage_started_from_itself_is_a_finetune_of_another_runs_checkpoint(tmp_path):
+  config = toy_config(first=dict())
+  run_stage(config, "first", tmp_path / "base", **teacher_stage())
+  _, base = checkpointing.restore_params(str(tmp_path / "base" / "first" / "checkpoints"))
+  config.stages.first.update(init_from="first", total_steps=1, optimizer=dict(learning_rate=1e-9))
+  with pytest.raises(config_lib.ConfigError, match="names the stage itself"):
+    stages.order(config)
+  config.stages.first.reads_from = str(tmp_path / "base")
+  assert stages.order(config) == ["first"]
+  run_stage(config, "first", tmp_path / "tuned", **teacher_stage())
+  step, tuned = checkpointing.restore_params(str(tmp_path / "tuned" / "first" / "checkpoints"))
+  assert step == 1  # a fresh run of one update, not the base run resumed
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, base)
+
+
+def test_sigterm_checkpoints_the_stage_and_stops_the_run_there(tmp_path):
+  config = toy_config(first=dict(eval_every=2))
+
+  def evaluate(params, step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the loop stops at the step's end
+    return {}
+
+  with pytest.raises(train.Preempted, match="at step 2"):
+    run_stage(config, "first", tmp_path, **teacher_stage(), evaluate=evaluate)
+  assert checkpointing.restore_params(str(tmp_path / "first" / "checkpoints"))[0] == 2
+  assert run_stage(config, "first", tmp_path, **teacher_stage())["step"] == 6  # resumed to the end
 
 
 @pytest.mark.parametrize("warmup", [False, True])
