@@ -27,6 +27,7 @@ from jaxai import checkpointing, config_lib
 
 REGISTRY = {
     "diffusion_lm": "jaxai.diffusion_lm.task",
+    "dsa": "jaxai.dsa.task",
     "lm": "jaxai.lm.task",
     "trm": "jaxai.trm.task",
     "world_model": "jaxai.world_model.task",

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.backend import resolve as _resolve_backend
 import kernels_pallas.sparse_topk_attention_gpu as _gpu
@@ -67,6 +69,23 @@ class BlockSizes:
 # their VMEM share in the kernel.
 DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(), "tpu": BlockSizes(block_q=256, block_k=512,
                                                               block_topk=128)}
+
+
+def _per_device(fn, batch: int):
+  """fn under a shard_map over the mesh being traced for, if it has several devices: XLA cannot
+  partition a Pallas kernel. Every input and output leads with the batch, and the kernels are
+  independent across it, so each mesh axis, in mesh order, splits the batch if it divides what
+  is left of it, else replicates the work (one KV head: nothing else to split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = [a for a in mesh.axis_names if a not in mesh.manual_axes]
+  if not axes or math.prod(mesh.shape[a] for a in axes) == 1:
+    return fn
+  on_batch = []
+  for axis in axes:
+    if batch % (mesh.shape[axis] * math.prod(mesh.shape[a] for a in on_batch)) == 0:
+      on_batch.append(axis)
+  spec = P(tuple(on_batch) or None)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=frozenset(axes), check_vma=False)
 
 
 # ----------------------------------------------------------------------------- lightning indexer
@@ -162,9 +181,9 @@ def lightning_indexer_scores(q_index, k_index, weights, *, precision: Precision 
     fp32 [batch, tokens, key_tokens]; I[t, s] for s <= t, -inf elsewhere.
   """
   # Resolved before jit: the platform comes from the mesh being traced for, not from the args.
-  return _lightning_indexer_scores(q_index, k_index, weights, precision=precision,
-                                   block_sizes=block_sizes, interpret=interpret,
-                                   backend=_resolve_backend(backend))
+  scores = functools.partial(_lightning_indexer_scores, precision=precision, block_sizes=block_sizes,
+                             interpret=interpret, backend=_resolve_backend(backend))
+  return _per_device(scores, q_index.shape[0])(q_index, k_index, weights)
 
 
 @functools.partial(jax.jit, static_argnames=("precision", "block_sizes", "interpret", "backend"))
@@ -253,8 +272,9 @@ def sparse_topk_attention(q, k, v, indices, *, block_sizes: BlockSizes | None = 
   Returns:
     [batch, tokens, heads, value_dim] in q's dtype. Scale 1/sqrt(head_dim).
   """
-  return _sparse_topk_attention(q, k, v, indices, block_sizes=block_sizes, interpret=interpret,
-                                backend=_resolve_backend(backend), gpu_backward=gpu_backward)
+  attend = functools.partial(_sparse_topk_attention, block_sizes=block_sizes, interpret=interpret,
+                             backend=_resolve_backend(backend), gpu_backward=gpu_backward)
+  return _per_device(attend, q.shape[0])(q, k, v, indices)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "backend",

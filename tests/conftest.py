@@ -146,6 +146,14 @@ def fixture_tiny_diffusion_lm(tmp_path_factory):
   return config, made_once(tmp_path_factory, "tiny_diffusion_lm", lambda path: main.run(config, str(path)))
 
 
+@pytest.fixture(scope="session", name="tiny_dsa")
+def fixture_tiny_dsa(tmp_path_factory):
+  """``configs/dsa.py:tiny`` trained as written (all six stages): (config, workdir). Read only."""
+  from jaxai import main  # pylint: disable=g-import-not-at-top
+  config = config_of("dsa", "tiny")
+  return config, made_once(tmp_path_factory, "tiny_dsa", lambda path: main.run(config, str(path)))
+
+
 @pytest.fixture(name="repo_root")
 def fixture_repo_root():
   return REPO_ROOT

@@ -34,7 +34,7 @@ def test_docstring_gives_the_command_and_a_figure_with_its_host(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_tiny_variant_trains_every_stage_as_written(name, tmp_path, request):
-  if name in ("diffusion_lm", "trm", "world_model"):  # trained once for every test that reads it
+  if name in ("diffusion_lm", "dsa", "trm", "world_model"):  # trained once for every test that reads it
     config, tmp_path = request.getfixturevalue(f"tiny_{name}")
   else:
     config = config_of(name, "tiny")

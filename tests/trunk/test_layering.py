@@ -9,7 +9,7 @@ import pytest
 from jaxai import build_file
 
 GRAPH = build_file.module_graph()
-PAPER_PACKAGES = ("jaxai.diffusion_lm", "jaxai.trm", "jaxai.world_model")
+PAPER_PACKAGES = ("jaxai.diffusion_lm", "jaxai.dsa", "jaxai.trm", "jaxai.world_model")
 SHARED_BLOCKS = ("jaxai.nn", "jaxai.lm", "jaxai.rl")
 TRUNK = ("jaxai.main", "jaxai.train", "jaxai.stages", "jaxai.config_lib", "jaxai.checkpointing",
          "jaxai.sharding", "jaxai.metrics", "jaxai.optimizer", "jaxai.dry_run", "jaxai.cli",
