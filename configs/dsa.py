@@ -73,8 +73,8 @@ def get_config(arg=None):
   c.checkpoint_every = 250
   if variant == "tiny":
     c.data.update(seq_len=256, eval_windows=4, retrieval_distances=(32, 200), retrieval_per_distance=2)
-    c.model.update(width=32, num_layers=4, num_heads=2, head_dim=16, mlp_hidden=64, num_kv_heads=1,
-                   window=32, topk=16, indexer_heads=2, indexer_dim=16, indexer_rope_dims=8)
+    c.model.update(width=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=64, num_kv_heads=1,
+                   window=32, global_every=2, topk=16, indexer_heads=2, indexer_dim=16, indexer_rope_dims=8)
     c.batch_size = 8
     c.compute_dtype = "float32"
     c.log_every = 1
