@@ -46,11 +46,13 @@ def test_loop_bodies_count_once_per_iteration_in_the_trace():
   fn = lambda: jax.block_until_ready(compiled(x, w))
   fn()
   profile, top = profile_frame.summarise(profile_frame.trace_events(fn, calls), table, calls,
-                                         wall_ms=1.0, top=3)
+                                         wall_ms=1.0, top=len(table))
   # (figures are printed to 4 significant digits)
   assert profile["matmul_mflop_per_frame"] * 1e6 == pytest.approx(2 * m * k * k * iterations, rel=1e-3)
   assert profile["thunks_matmul"] == iterations
-  assert top[0]["kind"] == "matmul" and top[0]["calls_per_frame"] == iterations
+  # Every thunk listed, so which one took longest (the timing, which varies) does not matter.
+  (matmul,) = [t for t in top if t["kind"] == "matmul"]
+  assert matmul["calls_per_frame"] == iterations
 
 
 def test_profile_command_on_the_tiny_model():
