@@ -8,6 +8,8 @@ the TPU dialect in Pallas' TPU interpreter.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
@@ -35,3 +37,24 @@ def interpret_params(backend: str, interpret: bool):
   if not interpret:
     return False
   return pltpu.InterpretParams() if backend == "tpu" else True
+
+
+def mesh_split(batch: int, heads: int = 1) -> tuple[frozenset, tuple, tuple] | None:
+  """How a kernel independent across batch and heads runs per device on the mesh being traced
+  for (XLA cannot partition a Pallas call): (the mesh's free axes, those that split the batch,
+  those that split the heads). Each axis, in mesh order, splits the batch if it divides what is
+  left of it, else the heads, else replicates the work. None without a multi-device mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = [a for a in mesh.axis_names if a not in mesh.manual_axes]
+  if not axes or math.prod(mesh.shape[a] for a in axes) == 1:
+    return None
+  on_batch, on_heads = [], []
+  for axis in axes:
+    size = mesh.shape[axis]
+    if size == 1:
+      continue
+    if batch % (size * math.prod(mesh.shape[a] for a in on_batch)) == 0:
+      on_batch.append(axis)
+    elif heads % (size * math.prod(mesh.shape[a] for a in on_heads)) == 0:
+      on_heads.append(axis)
+  return frozenset(axes), tuple(on_batch), tuple(on_heads)

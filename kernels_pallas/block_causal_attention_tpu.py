@@ -24,7 +24,6 @@ the kernels run under a shard_map that splits batch and kv heads over the mesh a
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax import lax
@@ -35,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.backend as backend_lib
 import kernels_pallas.frame_mask as frame_mask
+from kernels_pallas.backend import mesh_split
 from kernels_pallas.frame_mask import MASK_VALUE
 
 # Token tiles are the sublane dim of q/k/v blocks and the lane dim of the row statistics, so a
@@ -296,25 +296,14 @@ def _per_device(fn, q, k):
   axis, in mesh order, splits the batch if it divides what is left of it, else the kv heads
   (query heads follow their kv head), else replicates the work. A caller with another layout in
   mind wraps the call in its own shard_map, inside which this one is not needed."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = [a for a in mesh.axis_names if a not in mesh.manual_axes]
-  if not axes or math.prod(mesh.shape[a] for a in axes) == 1:
+  split = mesh_split(q.shape[0], k.shape[2])
+  if split is None:
     return fn
-  on_batch, on_heads = [], []
-  batch, kv_heads = q.shape[0], k.shape[2]
-  for axis in axes:
-    size = mesh.shape[axis]
-    if size == 1:
-      continue
-    if batch % (size * math.prod(mesh.shape[a] for a in on_batch)) == 0:
-      on_batch.append(axis)
-    elif kv_heads % (size * math.prod(mesh.shape[a] for a in on_heads)) == 0:
-      on_heads.append(axis)
-  spec = P(tuple(on_batch) or None, None, tuple(on_heads) or None, None)
+  axes, on_batch, on_heads = split
+  spec = P(on_batch or None, None, on_heads or None, None)
   # check_vma off: pallas_call's outputs carry no varying-axes type; over an axis that splits
   # neither dim every device computes the same, so the output is replicated there as declared.
-  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=frozenset(axes),
-                       check_vma=False)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=axes, check_vma=False)
 
 
 def attention(q, k, v, mask, soft_cap, blocks, interpret):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -34,6 +33,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.backend import mesh_split
 from kernels_pallas.backend import resolve as _resolve_backend
 import kernels_pallas.sparse_topk_attention_gpu as _gpu
 import kernels_pallas.sparse_topk_attention_tpu as _tpu
@@ -72,20 +72,14 @@ DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(), "tpu": BlockSizes(block_q=256, block
 
 
 def _per_device(fn, batch: int):
-  """fn under a shard_map over the mesh being traced for, if it has several devices: XLA cannot
-  partition a Pallas kernel. Every input and output leads with the batch, and the kernels are
-  independent across it, so each mesh axis, in mesh order, splits the batch if it divides what
-  is left of it, else replicates the work (one KV head: nothing else to split)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = [a for a in mesh.axis_names if a not in mesh.manual_axes]
-  if not axes or math.prod(mesh.shape[a] for a in axes) == 1:
+  """fn under a shard_map over the mesh being traced for (``backend.mesh_split``): every input and
+  output leads with the batch, and one KV head leaves nothing else to split."""
+  split = mesh_split(batch)
+  if split is None:
     return fn
-  on_batch = []
-  for axis in axes:
-    if batch % (mesh.shape[axis] * math.prod(mesh.shape[a] for a in on_batch)) == 0:
-      on_batch.append(axis)
-  spec = P(tuple(on_batch) or None)
-  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=frozenset(axes), check_vma=False)
+  axes, on_batch, _ = split
+  spec = P(on_batch or None)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=axes, check_vma=False)
 
 
 # ----------------------------------------------------------------------------- lightning indexer
@@ -105,6 +99,13 @@ def quantize_fp8(x, block: int = FP8_BLOCK):
   # The barrier keeps XLA (GPU, which allows excess precision) from folding a later
   # f32 -> e4m3 -> f32 round trip into no rounding at all.
   return lax.optimization_barrier((values, scale[..., 0]))
+
+
+def fake_quantize_fp8(x):
+  """x through the fp8 round trip (the indexer's blocks of its head_dim, ``_fp8_block``), with the
+  straight-through gradient: fp8's arithmetic emulated in x's dtype."""
+  block = _fp8_block(x.shape[-1])
+  return x + lax.stop_gradient(dequantize_fp8(*quantize_fp8(x, block)).astype(x.dtype) - x)
 
 
 def dequantize_fp8(values, scales):
@@ -204,9 +205,7 @@ def reference_lightning_indexer_scores(q_index, k_index, weights, *,
   """Plain-jnp twin of `lightning_indexer_scores`. fp8 runs as quantise -> dequantise, then fp32,
   with the straight-through gradient of the kernel."""
   if precision == "fp8":
-    block = _fp8_block(q_index.shape[-1])
-    straight_through = lambda x: x + lax.stop_gradient(dequantize_fp8(*quantize_fp8(x, block)) - x)
-    q_index, k_index = straight_through(q_index), straight_through(k_index)
+    q_index, k_index = fake_quantize_fp8(q_index), fake_quantize_fp8(k_index)
   logits = jnp.einsum("bthd,bsd->bths", q_index.astype(jnp.float32), k_index.astype(jnp.float32),
                       precision=HIGHEST)
   scores = jnp.einsum("bth,bths->bts", weights.astype(jnp.float32), jax.nn.relu(logits),
@@ -223,7 +222,14 @@ def select_topk_indices(scores, k: int):
   queries that see fewer than k keys (t < k - 1)."""
   num_q, num_k = scores.shape[-2:]
   causal = jnp.arange(num_k)[None, :] <= jnp.arange(num_q)[:, None]
-  values, indices = lax.top_k(jnp.where(causal, scores, -jnp.inf), min(k, num_k))
+  return topk_indices(jnp.where(causal, scores, -jnp.inf), k)
+
+
+def topk_indices(scores, k: int):
+  """Indices [..., k] (int32) of each row's k best scores, best first, where -inf marks a key it
+  may not select (any mask: causal, a decode step's offset); -1 pads rows with fewer than k."""
+  num_k = scores.shape[-1]
+  values, indices = lax.top_k(scores, min(k, num_k))
   indices = jnp.where(values == -jnp.inf, -1, indices).astype(jnp.int32)
   return _pad_axis(indices, indices.ndim - 1, k, value=-1) if k > num_k else indices
 

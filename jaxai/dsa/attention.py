@@ -50,23 +50,11 @@ def indexer_scores(q_index, k_index, weights, visible, *, precision: str = "defa
     return dsa_kernels.lightning_indexer_scores(q_index, k_index, weights, precision=precision,
                                                 interpret=dispatch.interpret())
   if precision == "fp8":
-    block = min(q_index.shape[-1], dsa_kernels.FP8_BLOCK)
-    emulate = lambda x: x + jax.lax.stop_gradient(
-        dsa_kernels.dequantize_fp8(*dsa_kernels.quantize_fp8(x, block)).astype(x.dtype) - x)
-    q_index, k_index = emulate(q_index), emulate(k_index)
+    q_index, k_index = dsa_kernels.fake_quantize_fp8(q_index), dsa_kernels.fake_quantize_fp8(k_index)
   # fp32 products: the indexer is small, and XLA:CPU has no bf16 x bf16 -> fp32 kernel for this layout.
   logits = jnp.einsum("bthd,bsd->bths", q_index.astype(jnp.float32), k_index.astype(jnp.float32))
   scores = jnp.einsum("bth,bths->bts", weights.astype(jnp.float32), jax.nn.relu(logits))
   return jnp.where(visible, scores, -jnp.inf)
-
-
-def select_topk(scores, topk: int) -> jax.Array:
-  """int32 [B, T, topk]: each query's best visible keys, -1 where fewer than topk are visible."""
-  values, indices = jax.lax.top_k(scores, min(topk, scores.shape[-1]))
-  indices = jnp.where(values == -jnp.inf, -1, indices).astype(jnp.int32)
-  if topk > scores.shape[-1]:
-    indices = jnp.pad(indices, ((0, 0), (0, 0), (0, topk - scores.shape[-1])), constant_values=-1)
-  return indices
 
 
 def selection_mask(indices, num_keys: int) -> jax.Array:
@@ -239,10 +227,10 @@ class SparseAttention(nn.Module):
     if self.mode == "indexed":
       out, probs = mqa_attention(q, k, v, visible, soft_cap=self.soft_cap, dtype=self.dtype)
       self.sow("losses", "indexer_kl", indexer_kl(probs, scores, visible))
-      selected = selection_mask(select_topk(scores, self.topk), s)
+      selected = selection_mask(dsa_kernels.topk_indices(scores, self.topk), s)
       self.sow("losses", "indexer_recall", topk_recall(probs, selected, self.topk))
       return out
-    indices = select_topk(jax.lax.stop_gradient(scores), self.topk)
+    indices = dsa_kernels.topk_indices(jax.lax.stop_gradient(scores), self.topk)
     selected_scores = lambda: jnp.take_along_axis(scores, jnp.maximum(indices, 0), axis=-1)
     if not training_shapes:
       out, probs = gathered_attention(q, k, v, indices, soft_cap=self.soft_cap, dtype=self.dtype)

@@ -86,7 +86,7 @@ def measure(config, *, contexts, models, topk: int, chunk: int, new_tokens: int,
   rng = np.random.default_rng(0)
   for context in contexts:
     tokens = jnp.asarray(rng.integers(0, 256, (1, context)), jnp.int32)
-    dense_ms = {}
+    dense_ms = None  # (prefill, decode per token) of dense at this context: models list it first
     for name in models:
       pattern = task.layer_pattern(config, "local_global") if name == "local_global" else MODELS[name]
       mc = dataclasses.replace(task.model_config(config, pattern), topk=topk)
@@ -122,13 +122,14 @@ def measure(config, *, contexts, models, topk: int, chunk: int, new_tokens: int,
       jax.block_until_ready(decode(params, logits, cache))
       decode_ms = timing.median_ms(lambda: jax.block_until_ready(decode(params, logits, cache)), runs)
       per_token = decode_ms / new_tokens
-      dense_ms.setdefault(name, (prefill_ms, per_token))
+      if name == "dense":
+        dense_ms = (prefill_ms, per_token)
       record = {**common, "context": context, "attention": name,
                 "prefill_ms": None if prefill_ms is None else timing.figure(prefill_ms),
                 "decode_ms_per_token": timing.figure(per_token),
                 "cache_bytes": int(sum(x.nbytes for x in jax.tree.leaves(cache)))}
-      if "dense" in dense_ms:
-        dense_prefill, dense_decode = dense_ms["dense"]
+      if dense_ms is not None:
+        dense_prefill, dense_decode = dense_ms
         if prefill_ms is not None and dense_prefill is not None:
           record["dense_over_this_prefill"] = timing.figure(dense_prefill / prefill_ms)
         record["dense_over_this_decode"] = timing.figure(dense_decode / per_token)

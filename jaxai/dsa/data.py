@@ -290,7 +290,3 @@ def answer_scores(logits: np.ndarray | jax.Array, tokens, answer_mask) -> tuple[
   share = (hits & scored).sum(1) / np.maximum(scored.sum(1), 1)
   return np.all(hits | ~scored, axis=1), np.where(scored.any(1), share, 1.0)
 
-
-def answer_accuracy(logits: np.ndarray | jax.Array, tokens, answer_mask) -> np.ndarray:
-  """bool [N]: every answer byte argmax-right (``answer_scores``' first)."""
-  return answer_scores(logits, tokens, answer_mask)[0]

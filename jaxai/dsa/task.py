@@ -176,8 +176,9 @@ def make_evaluator(config: ml_collections.ConfigDict, model):
                                             config.data.retrieval_per_distance, seed=config.seed + 10_000)
     return windows, retrieval
 
-  def batched(fn, rows):
-    return [fn(rows[i:i + batch]) for i in range(0, len(rows), batch)]
+  def batched(fn, *arrays):
+    """fn on consecutive slices of ``batch`` rows of each of ``arrays``, one list entry per slice."""
+    return [fn(*(a[i:i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)]
 
   def evaluate(params, step):
     del step
@@ -185,9 +186,8 @@ def make_evaluator(config: ml_collections.ConfigDict, model):
     ce = np.concatenate([np.asarray(c) for c, _ in batched(lambda r: score(params, r), windows)])
     out = {"eval/bits_per_byte": float(ce.mean() / math.log(2))}
     tokens, mask = retrieval["tokens"], retrieval["answer_mask"]
-    right, share = (np.concatenate(parts) for parts in zip(*[
-        dsa_data.answer_scores(score(params, tokens[i:i + batch])[1], tokens[i:i + batch], mask[i:i + batch])
-        for i in range(0, len(tokens), batch)]))
+    right, share = (np.concatenate(parts) for parts in zip(*batched(
+        lambda t, m: dsa_data.answer_scores(score(params, t)[1], t, m), tokens, mask)))
     for d in sorted(set(retrieval["distance"].tolist())):
       out[f"eval/retrieval_d{d}"] = float(right[retrieval["distance"] == d].mean())
     out["eval/retrieval"] = float(right.mean())

@@ -50,7 +50,7 @@ def test_both_sparse_forms_equal_the_kernels_gather_reference(topk):
   q, k, v = _normal(0, (B, T, H, D)), _normal(1, (B, T, D)), _normal(2, (B, T, D))
   scores = kernels.reference_lightning_indexer_scores(_normal(3, (B, T, HI, DI)), _normal(4, (B, T, DI)),
                                                       _normal(5, (B, T, HI)))
-  indices = attention.select_topk(scores, topk)
+  indices = kernels.topk_indices(scores, topk)
   np.testing.assert_array_equal(indices, kernels.select_topk_indices(scores, topk))
   want = kernels.reference_sparse_topk_attention(q, k[:, :, None], v[:, :, None], indices)
   masked, _ = attention.mqa_attention(q, k, v, attention.selection_mask(indices, T))
@@ -80,9 +80,9 @@ def test_the_kl_target_is_the_head_summed_l1_normalised_attention():
 
 def test_recall_is_one_for_the_attentions_own_top_k_and_less_for_others():
   probs = jax.nn.softmax(_normal(0, (B, H, T, T)), -1)
-  own = attention.selection_mask(attention.select_topk(probs.sum(1), 4), T)
+  own = attention.selection_mask(kernels.topk_indices(probs.sum(1), 4), T)
   np.testing.assert_allclose(attention.topk_recall(probs, own, 4), 1.0, rtol=1e-6)
-  worst = attention.selection_mask(attention.select_topk(-probs.sum(1), 4), T)
+  worst = attention.selection_mask(kernels.topk_indices(-probs.sum(1), 4), T)
   assert float(attention.topk_recall(probs, worst, 4)) < 0.9
 
 

@@ -139,18 +139,18 @@ def test_answer_accuracy_demands_every_answer_byte():
   rows = data.retrieval_eval_set(256, (30, 200), count_per_distance=2, seed=0, kind="associative_recall")
   tokens, mask = rows["tokens"], rows["answer_mask"]
   perfect = np.eye(256, dtype=np.float32)[tokens[:, 1:]]  # [N, L, V] from tokens[:, :-1]
-  assert data.answer_accuracy(perfect, tokens, mask).tolist() == [True] * 4
-  assert data.answer_accuracy(jnp.asarray(perfect), tokens, mask).tolist() == [True] * 4
+  assert data.answer_scores(perfect, tokens, mask)[0].tolist() == [True] * 4
+  assert data.answer_scores(jnp.asarray(perfect), tokens, mask)[0].tolist() == [True] * 4
   wrong = perfect.copy()
   t = np.flatnonzero(mask[1])[0] - 1  # the logits position predicting row 1's first answer byte
   wrong[1, t] = np.roll(wrong[1, t], 1)
-  assert data.answer_accuracy(wrong, tokens, mask).tolist() == [True, False, True, True]
+  assert data.answer_scores(wrong, tokens, mask)[0].tolist() == [True, False, True, True]
   np.testing.assert_allclose(data.answer_scores(wrong, tokens, mask)[1], [1, 5 / 6, 1, 1])  # 6-byte values
   outside = perfect.copy()
   outside[2, 10] = np.roll(outside[2, 10], 1)  # a filler byte: not scored
   t = np.flatnonzero(mask[3])[0] - 2  # predicts the query's b" " before the answer: not scored
   outside[3, t] = np.roll(outside[3, t], 1)
-  assert data.answer_accuracy(outside, tokens, mask).tolist() == [True] * 4
+  assert data.answer_scores(outside, tokens, mask)[0].tolist() == [True] * 4
 
 
 def test_training_examples_are_deterministic_and_mixed_at_the_asked_share():
